@@ -1,0 +1,219 @@
+"""The ``shardstore`` command: push, pull, ls, inspect (and, as they land, serve, verify, gc, bench).
+
+Every command takes ``--json`` and then prints exactly one JSON object on
+stdout. Mistakes in the input end in one line on stderr and exit status 1 (2
+for bad usage); a traceback means a bug in shardstore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from shardstore.codecs import DEFAULT_CODEC_NAME, codec_names
+from shardstore.errors import ShardstoreError
+from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
+from shardstore.store import STORE_ENV
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def parse_size(text: str) -> int:
+    """``4MiB``, ``512KiB``, ``1048576``."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    number, factor = lowered, 1
+    for suffix, unit in units.items():
+        if lowered.endswith(suffix):
+            number, factor = lowered[: -len(suffix)].strip(), unit
+            break
+    try:
+        value = int(float(number) * factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def _emit(args: argparse.Namespace, figures: dict[str, Any], human: Callable[[], str]) -> None:
+    if args.json:
+        print(json.dumps(figures, sort_keys=True))
+    elif not args.quiet:
+        print(human())
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from shardstore.api import push
+
+    report = push(args.src, args.ref, store=args.store, codec=args.codec, chunk_bytes=args.chunk_size,
+                  threads=args.threads, progress=args.progress)
+    figures = report.to_json()
+
+    def human() -> str:
+        return (
+            f"pushed {report.ref} (manifest {report.manifest_id[:12]})\n"
+            f"  {report.tensors} tensors, {human_bytes(report.raw_bytes)} raw -> "
+            f"{human_bytes(report.stored_bytes)} stored (ratio {figures['ratio']:.4f}, codec {report.codec})\n"
+            f"  uploaded {human_bytes(report.uploaded_bytes)}: {report.shards_uploaded}/{report.shards_total} shards, "
+            f"{report.blobs_uploaded} blobs, in {report.seconds:.2f} s"
+        )
+
+    _emit(args, figures, human)
+
+
+def cmd_pull(args: argparse.Namespace) -> None:
+    from shardstore.api import pull
+
+    report = pull(args.ref, args.dest, store=args.store, only=args.only, threads=args.threads,
+                  progress=args.progress)
+
+    def human() -> str:
+        return (
+            f"pulled {report.ref} into {report.dest}: {report.tensors} tensors, {report.files} files, "
+            f"{human_bytes(report.raw_bytes)} of weights\n"
+            f"  transferred {human_bytes(report.transferred_bytes)} in {report.shards_fetched} shards "
+            f"({report.shards_cached} from cache), {report.seconds:.2f} s"
+        )
+
+    _emit(args, report.to_json(), human)
+
+
+def cmd_ls(args: argparse.Namespace) -> None:
+    from shardstore.repo.repository import Repository
+    from shardstore.store import open_store
+
+    repo = Repository(open_store(args.store))
+    models: list[dict[str, Any]] = []
+    for ref, manifest_id in repo.list_refs():
+        manifest = repo.get_manifest(manifest_id)
+        models.append({"ref": str(ref), "manifest_id": manifest_id, "raw_bytes": manifest.raw_bytes,
+                       "stored_bytes": manifest.stored_bytes, "tensors": len(manifest.tensors)})
+
+    def human() -> str:
+        if not models:
+            return f"no models in {repo.store.url}"
+        width = max(len(m["ref"]) for m in models)
+        lines = [f"{'REF':<{width}}  MANIFEST      TENSORS        RAW     STORED"]
+        lines += [
+            f"{m['ref']:<{width}}  {m['manifest_id'][:12]}  {m['tensors']:>7}  {human_bytes(m['raw_bytes']):>9}  "
+            f"{human_bytes(m['stored_bytes']):>9}"
+            for m in models
+        ]
+        return "\n".join(lines)
+
+    _emit(args, {"store": repo.store.url, "models": models}, human)
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from shardstore.repo.inspect import describe
+    from shardstore.repo.repository import Repository, resolve_ref_text
+    from shardstore.store import open_store
+
+    repo = Repository(open_store(args.store))
+    ref, manifest_id, manifest = resolve_ref_text(repo, args.ref)
+    info = describe(manifest, str(ref), manifest_id)
+
+    def human() -> str:
+        width = max((len(n) for n in info["tensors"]), default=4)
+        lines = [f"{info['ref']}  manifest {manifest_id}",
+                 f"{'TENSOR':<{width}}  {'DTYPE':<7} {'SHAPE':<16} {'RAW':>10} {'STORED':>10} {'RATIO':>6}  SHARDS"]
+        for name, t in info["tensors"].items():
+            shape = "x".join(map(str, t["shape"])) or "scalar"
+            lines.append(
+                f"{name:<{width}}  {t['dtype']:<7} {shape:<16} {human_bytes(t['raw_bytes']):>10} "
+                f"{human_bytes(t['stored_bytes']):>10} {t['ratio']:>6.3f}  {len(t['shards'])}"
+            )
+        lines.append(
+            f"total: {len(info['tensors'])} tensors, {human_bytes(info['raw_bytes'])} raw, "
+            f"{human_bytes(info['stored_bytes'])} stored in {info['shards']} shards (ratio {info['ratio']:.4f}), "
+            f"{len(info['files'])} files"
+        )
+        return "\n".join(lines)
+
+    _emit(args, info, human)
+
+
+# -- parser -----------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, store: bool = True) -> None:
+    if store:
+        parser.add_argument("--store", metavar="URL", default=None,
+                            help=f"store URL or folder (default: ${STORE_ENV}, else ~/.local/share/shardstore)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of figures on stdout, nothing else")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardstore", description=__doc__.splitlines()[0] if __doc__ else None)
+    from shardstore import __version__
+
+    parser.add_argument("--version", action="version", version=f"shardstore {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("push", help="push a .safetensors file or a model folder as NAME:TAG")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("ref", metavar="NAME:TAG")
+    p.add_argument("--codec", default=DEFAULT_CODEC_NAME, help=f"lossless codec: {', '.join(codec_names())}")
+    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
+                   help="target raw size of a piece / shard (default 4MiB)")
+    p.add_argument("--threads", type=int, default=None, help="encoding threads (default: all cores)")
+    _common(p)
+    p.set_defaults(func=cmd_push)
+
+    p = commands.add_parser("pull", help="write NAME:TAG into folder DEST")
+    p.add_argument("ref", metavar="NAME:TAG")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--only", nargs="+", metavar="GLOB", help="only tensors whose names match these globs")
+    p.add_argument("--threads", type=int, default=None, help="decoding threads (default: all cores)")
+    _common(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = commands.add_parser("ls", help="list the models in a store")
+    _common(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = commands.add_parser("inspect", help="show the tensors, sizes and ratios of NAME:TAG")
+    p.add_argument("ref", metavar="NAME:TAG")
+    _common(p)
+    p.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.progress = not (args.json or args.quiet)
+    try:
+        args.func(args)
+    except ShardstoreError as exc:
+        print(f"shardstore {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"shardstore {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:  # a user's path or disk: report it, don't dump a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"shardstore {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

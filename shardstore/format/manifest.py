@@ -1,0 +1,245 @@
+"""Manifests: the canonical JSON document of one model version, named by its digest.
+
+Layout (``docs/design.md`` has the prose)::
+
+    {"format": "shardstore.manifest.v1", "hash": "blake3", "base": null,
+     "tensors": {NAME: {"dtype", "shape", "codec": [configs], "raw_bytes", "stored_bytes",
+                        "pieces": [{"shard", "stream", "rows": [r0, r1], "stored_bytes"}]}},
+     "files":   [{"path", "header", "metadata", "tensors": [NAME, ...]}],
+     "blobs":   {PATH: {"id", "size"}},
+     "shards":  {SHARD_ID: size},
+     "totals":  {"raw_bytes", "stored_bytes", "tensors", "shards", "files", "blob_bytes"}}
+
+``files`` lists the safetensors files of the model in the order they were
+pushed, each with the blob id of its original header bytes, so a pull writes
+byte-identical files. ``blobs`` are the other files (config.json, tokenizer...).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardstore.errors import FormatError, IntegrityError
+from shardstore.format import canonical_json
+from shardstore.format.digest import HASH_NAME, digest, is_object_id
+from shardstore.format.dtypes import ITEMSIZE, nbytes
+
+MANIFEST_FORMAT = "shardstore.manifest.v1"
+MAX_MANIFEST_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class PieceRef:
+    shard: str
+    stream: str
+    rows: tuple[int, int]
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    dtype: str
+    shape: tuple[int, ...]
+    codec: tuple[dict[str, Any], ...]
+    pieces: tuple[PieceRef, ...]
+
+    @property
+    def raw_bytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(p.stored_bytes for p in self.pieces)
+
+    @property
+    def rows(self) -> int:
+        """Rows along dim 0; a 0-d tensor counts as one row."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return nbytes(self.dtype, self.shape[1:]) if self.shape else ITEMSIZE[self.dtype]
+
+    def pieces_for_rows(self, start: int, stop: int) -> list[PieceRef]:
+        return [p for p in self.pieces if p.rows[0] < stop and p.rows[1] > start] if stop > start else []
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    header: str  # blob id of the original header bytes (8-byte length excluded)
+    metadata: dict[str, str] | None
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class BlobRecord:
+    id: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    tensors: dict[str, TensorRecord]
+    files: tuple[FileRecord, ...]
+    blobs: dict[str, BlobRecord]
+    shards: dict[str, int]
+    base: str | None = None
+    _bytes: bytes = field(default=b"", compare=False, repr=False)
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(t.raw_bytes for t in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(self.shards.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": MANIFEST_FORMAT,
+            "hash": HASH_NAME,
+            "base": self.base,
+            "tensors": {
+                name: {
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "codec": list(t.codec),
+                    "raw_bytes": t.raw_bytes,
+                    "stored_bytes": t.stored_bytes,
+                    "pieces": [
+                        {"shard": p.shard, "stream": p.stream, "rows": list(p.rows), "stored_bytes": p.stored_bytes}
+                        for p in t.pieces
+                    ],
+                }
+                for name, t in self.tensors.items()
+            },
+            "files": [
+                {"path": f.path, "header": f.header, "metadata": f.metadata, "tensors": list(f.tensors)}
+                for f in self.files
+            ],
+            "blobs": {path: {"id": b.id, "size": b.size} for path, b in self.blobs.items()},
+            "shards": dict(self.shards),
+            "totals": {
+                "raw_bytes": self.raw_bytes,
+                "stored_bytes": self.stored_bytes,
+                "blob_bytes": sum(b.size for b in self.blobs.values()),
+                "tensors": len(self.tensors),
+                "shards": len(self.shards),
+                "files": len(self.files) + len(self.blobs),
+            },
+        }
+
+    def to_bytes(self) -> bytes:
+        return self._bytes or canonical_json.dumps(self.to_json())
+
+    @property
+    def id(self) -> str:
+        return digest(self.to_bytes())
+
+    def select(self, patterns: Iterable[str] | None) -> list[str]:
+        """Tensor names matching any glob (all when ``patterns`` is empty), in file order."""
+        names = [n for f in self.files for n in f.tensors]
+        pats = list(patterns or [])
+        return [n for n in names if not pats or any(fnmatch.fnmatchcase(n, p) for p in pats)]
+
+    def shards_for(self, names: Iterable[str]) -> list[str]:
+        """The distinct shards holding these tensors, in first-use order."""
+        seen: dict[str, None] = {}
+        for name in names:
+            for piece in self.tensors[name].pieces:
+                seen.setdefault(piece.shard, None)
+        return list(seen)
+
+
+def _req(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = doc.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise FormatError(f"{what}: field {key!r} is missing or has the wrong type")
+    return value
+
+
+def _tensor(name: str, raw: Any, shard_sizes: dict[str, int], what: str) -> TensorRecord:
+    where = f"{what}: tensor {name!r}"
+    if not isinstance(raw, dict):
+        raise FormatError(f"{where}: must be an object")
+    dtype = _req(raw, "dtype", str, where)
+    if dtype not in ITEMSIZE:
+        raise FormatError(f"{where}: unknown dtype {dtype!r}")
+    shape = _req(raw, "shape", list, where)
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"{where}: bad shape {shape!r}")
+    codec = _req(raw, "codec", list, where)
+    if not codec or not all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in codec):
+        raise FormatError(f"{where}: codec must be a non-empty list of configs")
+    pieces: list[PieceRef] = []
+    position = 0
+    rows = shape[0] if shape else 1
+    for raw_piece in _req(raw, "pieces", list, where):
+        if not isinstance(raw_piece, dict):
+            raise FormatError(f"{where}: piece must be an object")
+        shard = _req(raw_piece, "shard", str, where)
+        span = _req(raw_piece, "rows", list, where)
+        stored = _req(raw_piece, "stored_bytes", int, where)
+        stream = _req(raw_piece, "stream", str, where)
+        if not is_object_id(shard) or shard not in shard_sizes:
+            raise FormatError(f"{where}: piece names unknown shard {shard!r}")
+        if len(span) != 2 or span[0] != position or not all(type(r) is int for r in span) or span[1] < span[0]:
+            raise FormatError(f"{where}: pieces must tile the rows in order (at row {position})")
+        if stored < 0 or stored > shard_sizes[shard]:
+            raise FormatError(f"{where}: piece stored_bytes out of range")
+        position = span[1]
+        pieces.append(PieceRef(shard, stream, (span[0], span[1]), stored))
+    if position != rows or (rows > 0 and not pieces):
+        raise FormatError(f"{where}: pieces cover rows [0, {position}) of {rows}")
+    record = TensorRecord(dtype, tuple(shape), tuple(codec), tuple(pieces))
+    if raw.get("raw_bytes") != record.raw_bytes or raw.get("stored_bytes") != record.stored_bytes:
+        raise FormatError(f"{where}: raw_bytes / stored_bytes disagree with shape and pieces")
+    return record
+
+
+def parse_manifest(data: bytes, manifest_id: str | None = None) -> Manifest:
+    """Parse and validate a manifest; when ``manifest_id`` is given, check the bytes against it first."""
+    what = f"manifest {manifest_id}" if manifest_id else "manifest"
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise FormatError(f"{what}: larger than {MAX_MANIFEST_BYTES} bytes")
+    if manifest_id is not None and digest(data) != manifest_id:
+        raise IntegrityError(f"{what}: content does not match its id")
+    doc = canonical_json.loads(data, what)
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or doc.get("hash") != HASH_NAME:
+        raise FormatError(f"{what}: not a {MANIFEST_FORMAT} document with {HASH_NAME} ids")
+    base = doc.get("base")
+    if base is not None and not is_object_id(base):
+        raise FormatError(f"{what}: bad base id {base!r}")
+    shards = _req(doc, "shards", dict, what)
+    if not all(is_object_id(k) and type(v) is int and v >= 0 for k, v in shards.items()):
+        raise FormatError(f"{what}: shards must map ids to sizes")
+    tensors = {name: _tensor(name, raw, shards, what) for name, raw in _req(doc, "tensors", dict, what).items()}
+    files: list[FileRecord] = []
+    listed: set[str] = set()
+    for raw_file in _req(doc, "files", list, what):
+        if not isinstance(raw_file, dict):
+            raise FormatError(f"{what}: file entry must be an object")
+        path = _req(raw_file, "path", str, what)
+        header = _req(raw_file, "header", str, what)
+        names = _req(raw_file, "tensors", list, what)
+        metadata = raw_file.get("metadata")
+        if not is_object_id(header) or not all(isinstance(n, str) and n in tensors for n in names):
+            raise FormatError(f"{what}: file {path!r}: bad header id or unknown tensor")
+        if metadata is not None and not (
+            isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+        ):
+            raise FormatError(f"{what}: file {path!r}: metadata must map strings to strings")
+        listed.update(names)
+        files.append(FileRecord(path, header, metadata, tuple(names)))
+    if listed != set(tensors) or sum(len(f.tensors) for f in files) != len(tensors):
+        raise FormatError(f"{what}: every tensor must belong to exactly one file")
+    blobs: dict[str, BlobRecord] = {}
+    for path, raw_blob in _req(doc, "blobs", dict, what).items():
+        if not (isinstance(raw_blob, dict) and is_object_id(raw_blob.get("id")) and type(raw_blob.get("size")) is int):
+            raise FormatError(f"{what}: blob {path!r}: needs an id and a size")
+        blobs[path] = BlobRecord(raw_blob["id"], raw_blob["size"])
+    return Manifest(tensors, tuple(files), blobs, dict(shards), base, bytes(data))

@@ -1,0 +1,119 @@
+"""Shards: safetensors files holding encoded streams, self-describing enough to decode.
+
+A shard holds one or more *streams*, each the encoding of one piece (a row
+range of a tensor). Inside the safetensors container each stream is a 1-D
+``U8`` tensor named by its index (``"0"``, ``"1"``...), and ``__metadata__``
+carries one key, ``"shardstore"``, whose value is canonical JSON::
+
+    {"format": "shardstore.shard.v1", "checksum": "blake3",
+     "streams": {"0": {"dtype": "F32", "shape": [512, 384],
+                       "codec": [{"id": "byteplanes-zstd.v1", "level": 3}],
+                       "checksum": "<blake3 of the decoded bytes>"}}}
+
+Tensor names and row offsets are deliberately *not* in the shard: they live in
+the manifest, so identical data under another name, in another model or at
+another row offset produces the same shard bytes and the same shard id
+(DESIGN invariant 5), and is stored and sent once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shardstore.codecs.base import Buffer, PieceInfo
+from shardstore.codecs.pipeline import Pipeline
+from shardstore.errors import CodecError, FormatError, IntegrityError
+from shardstore.format import canonical_json
+from shardstore.format.digest import HASH_NAME, digest, is_object_id
+from shardstore.format.dtypes import ITEMSIZE
+from shardstore.format.safetensors_io import build_header, parse_bytes
+
+SHARD_FORMAT = "shardstore.shard.v1"
+METADATA_KEY = "shardstore"
+
+
+@dataclass(frozen=True)
+class StreamHeader:
+    dtype: str
+    shape: tuple[int, ...]  # of the piece, not of the whole tensor
+    codec: tuple[dict[str, Any], ...]
+    checksum: str  # digest of the decoded bytes
+
+    @property
+    def info(self) -> PieceInfo:
+        return PieceInfo(self.dtype, self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "shape": list(self.shape), "codec": list(self.codec), "checksum": self.checksum}
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str
+    streams: dict[str, tuple[StreamHeader, memoryview]]
+
+    def decode(self, key: str, out: memoryview | None = None) -> Buffer:
+        """Decode one stream (into ``out`` when given) and check it against its checksum."""
+        try:
+            header, payload = self.streams[key]
+        except KeyError:
+            raise FormatError(f"shard {self.shard_id}: has no stream {key!r}") from None
+        try:
+            decoded = Pipeline.from_configs(header.codec).decode(payload, header.info, out)
+        except CodecError as exc:
+            raise IntegrityError(f"shard {self.shard_id}: stream {key} cannot be decoded: {exc}") from None
+        if len(decoded) != header.info.nbytes or digest(decoded) != header.checksum:
+            raise IntegrityError(f"shard {self.shard_id}: stream {key} decodes to bytes that fail its checksum")
+        return decoded
+
+
+def build_shard(streams: list[tuple[StreamHeader, bytes]]) -> bytes:
+    """Serialise streams into shard bytes; deterministic for equal input (canonical JSON)."""
+    metadata = {
+        "format": SHARD_FORMAT,
+        "checksum": HASH_NAME,
+        "streams": {str(i): header.to_json() for i, (header, _payload) in enumerate(streams)},
+    }
+    entries = [(str(i), "U8", (len(payload),), len(payload)) for i, (_h, payload) in enumerate(streams)]
+    head = build_header(entries, {METADATA_KEY: canonical_json.dumps(metadata).decode()})
+    return head + b"".join(payload for _h, payload in streams)
+
+
+def _stream_header(key: str, raw: Any, what: str) -> StreamHeader:
+    if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "codec", "checksum"}:
+        raise FormatError(f"{what}: stream {key}: header must have exactly dtype, shape, codec, checksum")
+    dtype, shape, codec, checksum = raw["dtype"], raw["shape"], raw["codec"], raw["checksum"]
+    if dtype not in ITEMSIZE:
+        raise FormatError(f"{what}: stream {key}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"{what}: stream {key}: bad shape {shape!r}")
+    if not isinstance(codec, list) or not codec or not all(isinstance(c, dict) for c in codec):
+        raise FormatError(f"{what}: stream {key}: codec must be a non-empty list of configs")
+    if not is_object_id(checksum):
+        raise FormatError(f"{what}: stream {key}: bad checksum {checksum!r}")
+    return StreamHeader(dtype, tuple(shape), tuple(codec), checksum)
+
+
+def parse_shard(data: bytes | memoryview, shard_id: str, *, verify_id: bool = True) -> Shard:
+    """Check the bytes against their id (DESIGN invariant 3), then parse strictly."""
+    what = f"shard {shard_id}"
+    if verify_id and digest(data) != shard_id:
+        raise IntegrityError(f"{what}: content does not match its id (corrupt or truncated)")
+    header, area = parse_bytes(data, what)
+    metadata = header.metadata or {}
+    if set(metadata) != {METADATA_KEY}:
+        raise FormatError(f"{what}: __metadata__ must hold exactly the {METADATA_KEY!r} key")
+    doc = canonical_json.loads(metadata[METADATA_KEY], f"{what}: metadata")
+    if not isinstance(doc, dict) or doc.get("format") != SHARD_FORMAT or doc.get("checksum") != HASH_NAME:
+        raise FormatError(f"{what}: not a {SHARD_FORMAT} shard with {HASH_NAME} checksums")
+    raw_streams = doc.get("streams")
+    entries = header.by_name()
+    if not isinstance(raw_streams, dict) or set(raw_streams) != set(entries):
+        raise FormatError(f"{what}: stream headers do not match the stored streams")
+    streams: dict[str, tuple[StreamHeader, memoryview]] = {}
+    for key, entry in entries.items():
+        if entry.dtype != "U8" or len(entry.shape) != 1:
+            raise FormatError(f"{what}: stream {key} must be a 1-D U8 tensor")
+        streams[key] = (_stream_header(key, raw_streams[key], what), area[entry.begin : entry.end])
+    return Shard(shard_id, streams)

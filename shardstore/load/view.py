@@ -1,0 +1,192 @@
+"""The lazy model view that :func:`shardstore.open` returns, shaped like ``safetensors.safe_open``.
+
+Names, dtypes and shapes come from the manifest at once; a tensor's shards are
+fetched the first time it (or a slice of it) is asked for, decoded straight
+into the tensor's own buffer, and kept in a small in-memory cache so tensors
+packed into the same shard cost one fetch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+
+from shardstore.errors import InvalidInputError, NotFoundError
+from shardstore.format.dtypes import numpy_storage_dtype
+from shardstore.format.manifest import Manifest, TensorRecord
+from shardstore.format.shard import Shard, parse_shard
+from shardstore.repo.repository import ModelSource
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+
+DEFAULT_SHARD_CACHE_BYTES = 64 << 20
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    try:
+        return _TORCH_DTYPES[dtype]
+    except KeyError:
+        raise InvalidInputError(f"dtype {dtype} has no torch equivalent") from None
+
+
+class ModelView:
+    """A model in a store or on a server, read lazily. Use as a context manager or call close()."""
+
+    def __init__(self, source: ModelSource, ref: str, manifest_id: str, manifest: Manifest,
+                 shard_cache_bytes: int = DEFAULT_SHARD_CACHE_BYTES) -> None:
+        self.source = source
+        self.ref = ref
+        self.manifest_id = manifest_id
+        self.manifest = manifest
+        self._cache: OrderedDict[str, Shard] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = shard_cache_bytes
+        self._lock = threading.Lock()
+
+    # -- the safetensors-like surface -------------------------------------------
+
+    def keys(self) -> list[str]:
+        return self.manifest.select(None)
+
+    def metadata(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for record in self.manifest.files:
+            merged.update(record.metadata or {})
+        return merged
+
+    def record(self, name: str) -> TensorRecord:
+        try:
+            return self.manifest.tensors[name]
+        except KeyError:
+            raise NotFoundError(f"{self.ref}: no tensor named {name!r}") from None
+
+    def get_tensor(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        record = self.record(name)
+        return self._read_rows(name, record, 0, record.rows).reshape(record.shape).to(device)
+
+    def get_slice(self, name: str) -> TensorSlice:
+        return TensorSlice(self, name, self.record(name))
+
+    def state_dict(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return {name: self.get_tensor(name, device) for name in self.keys()}
+
+    # -- internals ---------------------------------------------------------------
+
+    def _shards(self, shard_ids: list[str]) -> dict[str, Shard]:
+        found: dict[str, Shard] = {}
+        with self._lock:
+            for shard_id in shard_ids:
+                if shard_id in self._cache:
+                    self._cache.move_to_end(shard_id)
+                    found[shard_id] = self._cache[shard_id]
+        missing = [s for s in shard_ids if s not in found]
+        for shard_id, data in self.source.fetch_shards(missing):
+            shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
+            found[shard_id] = shard
+            self._remember(shard_id, shard, len(data))
+        return found
+
+    def _remember(self, shard_id: str, shard: Shard, size: int) -> None:
+        with self._lock:
+            if size > self._cache_limit:
+                return
+            self._cache[shard_id] = shard
+            self._cache_bytes += size
+            while self._cache_bytes > self._cache_limit:
+                _old_id, old = self._cache.popitem(last=False)
+                self._cache_bytes -= sum(len(view) for _h, view in old.streams.values())
+
+    def _read_rows(self, name: str, record: TensorRecord, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as a flat tensor, fetching and decoding only the pieces that hold them."""
+        pieces = record.pieces_for_rows(start, stop)
+        count = max(0, stop - start)
+        out = np.empty(count * record.row_bytes, dtype=np.uint8)
+        shards = self._shards(list(dict.fromkeys(p.shard for p in pieces)))
+        for piece in pieces:
+            lo, hi = max(start, piece.rows[0]), min(stop, piece.rows[1])
+            target = memoryview(out.data)[(lo - start) * record.row_bytes : (hi - start) * record.row_bytes]
+            if (lo, hi) == piece.rows:
+                shards[piece.shard].decode(piece.stream, target)  # straight into place
+            else:
+                decoded = shards[piece.shard].decode(piece.stream)
+                skip = (lo - piece.rows[0]) * record.row_bytes
+                target[:] = memoryview(decoded)[skip : skip + len(target)]
+        storage = out.view(numpy_storage_dtype(record.dtype))
+        return torch.from_numpy(storage).view(torch_dtype(record.dtype))
+
+    def close(self) -> None:
+        with self._lock:
+            self._cache.clear()
+            self._cache_bytes = 0
+
+    def __enter__(self) -> ModelView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ModelView({self.ref!r}, tensors={len(self.manifest.tensors)})"
+
+
+class TensorSlice:
+    """``view.get_slice(name)[a:b]``: rows of a tensor, fetching only the pieces that hold them."""
+
+    def __init__(self, view: ModelView, name: str, record: TensorRecord) -> None:
+        self._view = view
+        self._name = name
+        self._record = record
+
+    def get_shape(self) -> list[int]:
+        return list(self._record.shape)
+
+    def get_dtype(self) -> str:
+        return self._record.dtype
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        record = self._record
+        if not record.shape:
+            raise InvalidInputError(f"{self._name}: a 0-d tensor cannot be sliced")
+        first = index[0] if isinstance(index, tuple) else index
+        rest = index[1:] if isinstance(index, tuple) else ()
+        if isinstance(first, int):
+            row = first + record.rows if first < 0 else first
+            if not 0 <= row < record.rows:
+                raise IndexError(f"{self._name}: row {first} out of range for {record.rows} rows")
+            first = slice(row, row + 1)
+            squeeze = True
+        else:
+            squeeze = False
+        if not isinstance(first, slice):
+            raise InvalidInputError(f"{self._name}: get_slice takes ints and slices")
+        wanted = range(*first.indices(record.rows))
+        lo = min(wanted, default=0)
+        hi = max(wanted, default=-1) + 1
+        block = self._view._read_rows(self._name, record, lo, max(lo, hi)).reshape(-1, *record.shape[1:])
+        if wanted.step != 1 and len(wanted):
+            block = block[torch.tensor([r - lo for r in wanted])]
+        if squeeze:
+            return block[0][rest] if rest else block[0]
+        return block[(slice(None), *rest)] if rest else block

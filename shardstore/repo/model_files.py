@@ -1,0 +1,134 @@
+"""Reading a model from disk: one ``.safetensors`` file, or a Hugging Face style folder.
+
+A folder's ``*.safetensors`` files (at any depth) hold the tensors; every other
+file (config.json, tokenizer files, ``model.safetensors.index.json``...) is kept
+byte for byte as a blob. Pickle checkpoints are refused: loading one runs
+arbitrary code, and a registry must never pass them on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardstore.errors import InvalidInputError
+from shardstore.format import canonical_json
+from shardstore.format.safetensors_io import SafetensorsHeader, read_file_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SKIPPED_FOLDERS = {".git", ".cache", "__pycache__"}
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorFile:
+    path: Path
+    rel: str  # path inside the model, '/'-separated; what pull recreates
+    header: SafetensorsHeader
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    tensor_files: tuple[TensorFile, ...]
+    other_files: tuple[tuple[str, Path], ...]
+
+    def tensor_count(self) -> int:
+        return sum(len(f.header.tensors) for f in self.tensor_files)
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_FOLDERS)
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def scan_model(src: str | os.PathLike[str]) -> ModelFiles:
+    """Find and validate every file of a model; nothing is read past the safetensors headers."""
+    root = Path(src)
+    if not root.exists():
+        raise InvalidInputError(f"{src}: no such file or folder")
+    if root.is_file():
+        if not root.name.endswith(".safetensors"):
+            raise InvalidInputError(f"{src}: not a .safetensors file (or a model folder)")
+        files = [TensorFile(root, root.name, read_file_header(str(root)))]
+        return ModelFiles(tuple(files), ())
+    tensor_files: list[TensorFile] = []
+    others: list[tuple[str, Path]] = []
+    for path in _walk(root):
+        rel = path.relative_to(root).as_posix()
+        if path.name.endswith(PICKLE_SUFFIXES):
+            raise InvalidInputError(f"{path}: refusing a pickle checkpoint (loading it can run code); use safetensors")
+        if path.name.endswith(".safetensors"):
+            tensor_files.append(TensorFile(path, rel, read_file_header(str(path))))
+        elif path.is_file():
+            others.append((rel, path))
+    if not tensor_files:
+        raise InvalidInputError(f"{src}: no .safetensors files in this folder")
+    owner: dict[str, str] = {}
+    for tensor_file in tensor_files:
+        for entry in tensor_file.header.tensors:
+            if entry.name in owner:
+                raise InvalidInputError(
+                    f"{tensor_file.path}: tensor {entry.name!r} is also in {owner[entry.name]}"
+                )
+            owner[entry.name] = tensor_file.rel
+    for rel, path in others:
+        if rel.endswith(INDEX_SUFFIX):
+            _check_index(path, rel, owner, root)
+    return ModelFiles(tuple(tensor_files), tuple(others))
+
+
+def _check_index(path: Path, rel: str, owner: dict[str, str], root: Path) -> None:
+    """An index that disagrees with the files would make the pulled model unloadable."""
+    doc = canonical_json.loads(path.read_bytes(), str(path))
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InvalidInputError(f"{path}: no weight_map")
+    folder = Path(rel).parent
+    for name, file_name in weight_map.items():
+        expected = (folder / str(file_name)).as_posix()
+        if owner.get(name) != expected:
+            raise InvalidInputError(f"{path}: maps tensor {name!r} to {file_name}, which does not hold it")
+
+
+class MappedFiles:
+    """Memory-maps tensor files read-only and hands out one view per tensor.
+
+    Views must be released before their map can close; any still exported
+    (a slice a caller kept) leave the map to the garbage collector instead.
+    """
+
+    def __init__(self, model: ModelFiles) -> None:
+        self._model = model
+        self._maps: list[mmap.mmap] = []
+        self._views: list[memoryview] = []
+
+    def __enter__(self) -> dict[str, memoryview]:
+        views: dict[str, memoryview] = {}
+        for tensor_file in self._model.tensor_files:
+            with tensor_file.path.open("rb") as handle:
+                if os.fstat(handle.fileno()).st_size == 0:
+                    continue
+                mm = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps.append(mm)
+            whole = memoryview(mm)
+            self._views.append(whole)
+            base = tensor_file.header.data_offset
+            for entry in tensor_file.header.tensors:
+                views[entry.name] = whole[base + entry.begin : base + entry.end]
+                self._views.append(views[entry.name])
+        return views
+
+    def __exit__(self, *exc: object) -> None:
+        for view in self._views:
+            view.release()
+        self._views.clear()
+        for mm in self._maps:
+            with contextlib.suppress(BufferError):
+                mm.close()
+        self._maps.clear()

@@ -1,0 +1,206 @@
+"""Pull: write a stored model back to disk as safetensors files plus its other files.
+
+Shards are fetched in order, checked against their ids by the source, decoded in
+threads and written with ``pwrite`` at each piece's final offset, so memory holds
+only the shards in flight (DESIGN invariant 7) however large the model. Each
+file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from shardstore.errors import InvalidInputError, NotFoundError
+from shardstore.format import canonical_json
+from shardstore.format.manifest import FileRecord, Manifest
+from shardstore.format.safetensors_io import build_header
+from shardstore.format.shard import parse_shard
+from shardstore.progress import Progress
+from shardstore.repo.model_files import INDEX_SUFFIX
+from shardstore.repo.pool import default_threads, ordered_map
+from shardstore.repo.refs import parse_ref
+from shardstore.repo.repository import ModelSource
+
+
+@dataclass(frozen=True)
+class PullReport:
+    ref: str
+    manifest_id: str
+    dest: str
+    tensors: int
+    files: int
+    raw_bytes: int
+    transferred_bytes: int
+    shards_fetched: int
+    shards_cached: int
+    seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def safe_path(dest: Path, rel: str) -> Path:
+    """``dest/rel``, refusing paths from a manifest that would escape ``dest``."""
+    parts = PurePosixPath(rel).parts
+    if not parts or rel.startswith("/") or any(p in ("..", ".", "") for p in parts) or "\\" in rel:
+        raise InvalidInputError(f"refusing unsafe file path {rel!r} in manifest")
+    return dest.joinpath(*parts)
+
+
+@dataclass
+class _OpenFile:
+    path: Path
+    partial: Path
+    fd: int
+    offsets: dict[str, int]  # tensor name → absolute offset of its data in the file
+
+
+def _layout(
+    record: FileRecord, manifest: Manifest, selected: set[str], header: bytes | None
+) -> tuple[bytes, dict[str, int]]:
+    """The header bytes to write and where each selected tensor's data goes."""
+    names = [n for n in record.tensors if n in selected]
+    if header is None:  # a subset: a fresh header for just these tensors
+        records = [(n, manifest.tensors[n]) for n in names]
+        entries = [(n, t.dtype, t.shape, t.raw_bytes) for n, t in records]
+        head = build_header(entries, record.metadata)
+    else:
+        head = len(header).to_bytes(8, "little") + header
+    offsets: dict[str, int] = {}
+    position = len(head)
+    for name in names:
+        offsets[name] = position
+        position += manifest.tensors[name].raw_bytes
+    return head, offsets
+
+
+def pull(
+    source: ModelSource,
+    ref_text: str,
+    dest: str | os.PathLike[str],
+    *,
+    only: Iterable[str] | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+) -> PullReport:
+    started = time.perf_counter()
+    ref = parse_ref(ref_text)
+    manifest_id = source.resolve(ref)
+    manifest = source.get_manifest(manifest_id)
+    patterns = list(only or [])
+    selected_names = manifest.select(patterns)
+    if patterns and not selected_names:
+        raise NotFoundError(f"{ref}: no tensor matches {' '.join(patterns)}")
+    selected = set(selected_names)
+    root = Path(dest)
+    root.mkdir(parents=True, exist_ok=True)
+
+    open_files: list[_OpenFile] = []
+    where: dict[str, _OpenFile] = {}
+    try:
+        for record in manifest.files:
+            if not selected.intersection(record.tensors):
+                continue
+            whole = selected.issuperset(record.tensors)
+            header = source.get_blob(record.header) if whole else None
+            head, offsets = _layout(record, manifest, selected, header)
+            path = safe_path(root, record.path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_name(f".{path.name}.partial")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            handle = _OpenFile(path, partial, fd, offsets)
+            open_files.append(handle)
+            os.pwrite(fd, head, 0)
+            size = len(head) + sum(manifest.tensors[n].raw_bytes for n in offsets)
+            os.ftruncate(fd, size)
+            for name in offsets:
+                where[name] = handle
+        fetched = _write_tensors(source, manifest, selected_names, where, threads, progress, str(ref))
+        for handle in open_files:
+            os.fsync(handle.fd)
+            os.close(handle.fd)
+            handle.fd = -1
+            os.replace(handle.partial, handle.path)
+    finally:
+        for handle in open_files:
+            if handle.fd >= 0:
+                os.close(handle.fd)
+                with contextlib.suppress(FileNotFoundError):
+                    handle.partial.unlink()
+
+    blob_count = _write_blobs(source, manifest, root, selected if patterns else None)
+    return PullReport(
+        ref=str(ref),
+        manifest_id=manifest_id,
+        dest=str(root),
+        tensors=len(selected_names),
+        files=len(open_files) + blob_count,
+        raw_bytes=sum(manifest.tensors[n].raw_bytes for n in selected_names),
+        transferred_bytes=source.transferred_bytes,
+        shards_fetched=fetched,
+        shards_cached=0,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _write_tensors(
+    source: ModelSource,
+    manifest: Manifest,
+    names: list[str],
+    where: dict[str, _OpenFile],
+    threads: int | None,
+    progress: bool,
+    label: str,
+) -> int:
+    # Which streams of each shard we need, and where each goes in its file.
+    wanted: dict[str, list[tuple[str, _OpenFile, int]]] = {}
+    for name in names:
+        record = manifest.tensors[name]
+        for piece in record.pieces:
+            offset = where[name].offsets[name] + piece.rows[0] * record.row_bytes
+            wanted.setdefault(piece.shard, []).append((piece.stream, where[name], offset))
+
+    def decode_and_write(item: tuple[str, bytes]) -> int:
+        shard_id, data = item
+        shard = parse_shard(data, shard_id, verify_id=False)  # the source verified the id
+        written = 0
+        for stream, handle, offset in wanted[shard_id]:
+            decoded = shard.decode(stream)
+            os.pwrite(handle.fd, decoded, offset)
+            written += len(decoded)
+        return written
+
+    total = sum(manifest.tensors[n].raw_bytes for n in names)
+    count = 0
+    with Progress(f"pull {label}", total, progress) as bar:
+        for written in ordered_map(decode_and_write, source.fetch_shards(wanted), threads or default_threads()):
+            bar.update(written)
+            count += 1
+    return count
+
+
+def _write_blobs(source: ModelSource, manifest: Manifest, root: Path, subset: set[str] | None) -> int:
+    for rel, blob in manifest.blobs.items():
+        data = source.get_blob(blob.id)
+        if subset is not None and rel.endswith(INDEX_SUFFIX):
+            data = _filtered_index(data, subset, rel)
+        path = safe_path(root, rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    return len(manifest.blobs)
+
+
+def _filtered_index(data: bytes, subset: set[str], rel: str) -> bytes:
+    """An index whose weight_map names only the tensors pulled, so loaders don't look for the rest."""
+    doc = canonical_json.loads(data, rel)
+    if isinstance(doc, dict) and isinstance(doc.get("weight_map"), dict):
+        doc["weight_map"] = {k: v for k, v in doc["weight_map"].items() if k in subset}
+    return canonical_json.dumps(doc)

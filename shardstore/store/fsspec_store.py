@@ -1,0 +1,91 @@
+"""Any fsspec filesystem as a store (``s3://bucket/prefix``, ``gcs://``, ``abfs://``...).
+
+Object stores write whole objects atomically on their own, so ``put`` is one
+``pipe``. Refs are compare-and-set only where the backend offers conditional
+writes; elsewhere the capability flag says last-writer-wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+
+from shardstore.errors import NotFoundError, StoreError
+from shardstore.store.base import Store, StoreCapabilities, check_key
+
+
+class FsspecStore(Store):
+    capabilities = StoreCapabilities(atomic_compare_and_set=False, shared=True)
+
+    def __init__(self, url: str, **storage_options: Any) -> None:
+        self._url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self._url, **storage_options)
+        except (ImportError, ValueError) as exc:
+            raise StoreError(f"cannot open store {url}: {exc}") from None
+        self.root = self.root.rstrip("/")
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{check_key(key)}"
+
+    def get(self, key: str) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self._path(key)))
+        except FileNotFoundError:
+            raise NotFoundError(f"{key}: not in store {self.url}") from None
+        except OSError as exc:
+            raise StoreError(f"{key}: cannot read from {self.url}: {exc}") from None
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        try:
+            return bytes(self.fs.cat_file(self._path(key), start=start, end=end))
+        except FileNotFoundError:
+            raise NotFoundError(f"{key}: not in store {self.url}") from None
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        try:
+            self.fs.pipe_file(self._path(key), bytes(data))
+        except OSError as exc:
+            raise StoreError(f"{key}: cannot write to {self.url}: {exc}") from None
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._path(key)))
+
+    def size(self, key: str) -> int:
+        try:
+            return int(self.fs.size(self._path(key)))
+        except FileNotFoundError:
+            raise NotFoundError(f"{key}: not in store {self.url}") from None
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        base = self._path(prefix) if prefix else self.root
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return
+        strip = len(self.root) + 1
+        for path in found:
+            yield path[strip:] if path.startswith(self.root + "/") else path
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._path(key))
+
+    def compare_and_set(self, key: str, expected: bytes | None, new: bytes) -> bool:
+        # Without conditional writes this is read-compare-write: a concurrent
+        # writer between the read and the write wins (documented in docs/design.md).
+        try:
+            current: bytes | None = self.get(key)
+        except NotFoundError:
+            current = None
+        if current != expected:
+            return False
+        self.put(key, new)
+        return True
