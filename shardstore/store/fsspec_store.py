@@ -50,8 +50,15 @@ class FsspecStore(Store):
             raise NotFoundError(f"{key}: not in store {self.url}") from None
 
     def put(self, key: str, data: bytes | memoryview) -> None:
+        path = self._path(key)
         try:
-            self.fs.pipe_file(self._path(key), bytes(data))
+            try:
+                self.fs.pipe_file(path, bytes(data))
+            except FileNotFoundError:
+                # Filesystems with real folders (local, sftp) need the parent first;
+                # object stores never get here.
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.pipe_file(path, bytes(data))
         except OSError as exc:
             raise StoreError(f"{key}: cannot write to {self.url}: {exc}") from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from shardstore.repo.chunking import TensorSpec, layer_of, plan_shards, split_rows
 
 
@@ -17,7 +19,7 @@ def test_split_rows_is_row_aligned_and_covers_everything() -> None:
     pieces = split_rows(tensor, 64 << 10)
     assert pieces[0] == (0, 64)
     assert pieces[-1][1] == 1000
-    assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces))
 
 
 def test_split_rows_edge_cases() -> None:
