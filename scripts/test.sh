@@ -3,6 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check shardstore tests bench scripts
+.venv/bin/ruff check .
 .venv/bin/mypy shardstore
 .venv/bin/python -m pytest -q "$@"
