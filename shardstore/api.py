@@ -1,4 +1,7 @@
-"""The Python API, as small as safetensors': push, pull, open."""
+"""The Python API, as small as safetensors': push, pull, open.
+
+Each takes a ref ``name:tag`` in a store, or ``grpc://host:port/name:tag`` on a server.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +17,33 @@ from shardstore.repo.push import PushReport
 from shardstore.repo.push import push as _push
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
+from shardstore.rpc import is_grpc_url, split_grpc_url
 from shardstore.store import Store, open_store
 
-if TYPE_CHECKING:  # torch is imported only when a model is opened, keeping the CLI quick
+if TYPE_CHECKING:  # torch and grpc are imported only when needed, keeping the CLI quick
     from shardstore.load.view import ModelView
+    from shardstore.rpc.client import GrpcClient
 
 
 def _repository(store: str | Store | None) -> Repository:
     return Repository(store if isinstance(store, Store) else open_store(store))
+
+
+def _grpc_target(ref: str, store: str | Store | None) -> tuple[str, str] | None:
+    """(address, ``name:tag``) when ``ref`` is ``grpc://host:port/name:tag`` or ``store`` is ``grpc://host:port``."""
+    if is_grpc_url(ref):
+        address, ref_text = split_grpc_url(ref)
+        return address, ref_text or "latest"
+    if isinstance(store, str) and is_grpc_url(store):
+        return split_grpc_url(store)[0], ref
+    return None
+
+
+def _grpc_client(address: str, cache: str | os.PathLike[str] | None, use_cache: bool = True) -> GrpcClient:
+    from shardstore.rpc.client import GrpcClient
+    from shardstore.store.cache import ShardCache
+
+    return GrpcClient(address, cache=ShardCache(cache) if cache is not None else None, use_cache=use_cache)
 
 
 def push(
@@ -35,6 +57,11 @@ def push(
     progress: bool = False,
 ) -> PushReport:
     """Push a ``.safetensors`` file or a model folder to ``store`` (default: the local store) as ``ref``."""
+    remote = _grpc_target(ref, store)
+    if remote is not None:
+        with _grpc_client(remote[0], None, use_cache=False) as client:
+            return _push(src, parse_ref(remote[1]), client, codec=codec, chunk_bytes=chunk_bytes, threads=threads,
+                         progress=progress)
     return _push(src, parse_ref(ref), _repository(store), codec=codec, chunk_bytes=chunk_bytes,
                  threads=threads, progress=progress)
 
@@ -47,16 +74,42 @@ def pull(
     only: Iterable[str] | None = None,
     threads: int | None = None,
     progress: bool = False,
+    cache: str | os.PathLike[str] | None = None,
 ) -> PullReport:
-    """Write the model ``ref`` into the folder ``dest`` (only tensors matching ``only`` globs, if given)."""
+    """Write the model ``ref`` into the folder ``dest`` (only tensors matching ``only`` globs, if given).
+
+    Over gRPC, shards are kept in the local shard cache (``cache``, default
+    ``$SHARDSTORE_CACHE`` or ``~/.cache/shardstore``) and fetched only when missing there.
+    """
+    remote = _grpc_target(ref, store)
+    if remote is not None:
+        with _grpc_client(remote[0], cache) as client:
+            return _pull(client, remote[1], dest, only=only, threads=threads, progress=progress)
     return _pull(_repository(store), ref, dest, only=only, threads=threads, progress=progress)
 
 
-def open(ref: str, *, store: str | Store | None = None, **options: Any) -> ModelView:
-    """A lazy view of a stored model: ``keys()``, ``get_tensor()``, ``get_slice()``, ``state_dict()``."""
+def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
+         **options: Any) -> ModelView:
+    """A lazy view of a stored model: ``keys()``, ``get_tensor()``, ``get_slice()``, ``state_dict()``.
+
+    Over gRPC (``grpc://host:port/name:tag``) only the shards holding what is
+    asked for are fetched, through the local shard cache; close the view to
+    close the connection.
+    """
     from shardstore.load.view import ModelView
 
-    source = _repository(store)
-    parsed = parse_ref(ref)
-    manifest_id = source.resolve(parsed)
-    return ModelView(source, str(parsed), manifest_id, source.get_manifest(manifest_id), **options)
+    remote = _grpc_target(ref, store)
+    if remote is None:
+        source: Any = _repository(store)
+        ref_text = ref
+    else:
+        source, ref_text = _grpc_client(remote[0], cache), remote[1]
+    try:
+        parsed = parse_ref(ref_text)
+        manifest_id = source.resolve(parsed)
+        manifest = source.get_manifest(manifest_id)
+    except BaseException:
+        if remote is not None:
+            source.close()
+        raise
+    return ModelView(source, str(parsed), manifest_id, manifest, owns_source=remote is not None, **options)

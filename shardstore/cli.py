@@ -81,7 +81,7 @@ def cmd_pull(args: argparse.Namespace) -> None:
     from shardstore.api import pull
 
     report = pull(args.ref, args.dest, store=args.store, only=args.only, threads=args.threads,
-                  progress=args.progress)
+                  progress=args.progress, cache=args.cache)
 
     def human() -> str:
         return (
@@ -149,6 +149,39 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     _emit(args, info, human)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import asyncio
+    import logging
+
+    from shardstore.rpc.server import serve
+    from shardstore.store import open_store
+
+    store = open_store(args.store)
+    logging.basicConfig(level=logging.WARNING if args.quiet or args.json else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+    def ready(address: str) -> None:
+        # The bound address (the port, when --port 0) is how scripts and tests find the server.
+        if args.json:
+            print(json.dumps({"address": address, "store": store.url}), flush=True)
+        elif not args.quiet:
+            print(f"serving {store.url} on grpc://{address} (Ctrl-C to stop)", flush=True)
+
+    options: dict[str, Any] = {"cache_bytes": args.cache_size}
+    if args.max_rate is not None:
+        options["pace_bytes_per_s"] = args.max_rate
+    asyncio.run(serve(store, args.host, args.port, on_ready=ready, grace=args.grace, **options))
+
+
+def cmd_bench_codecs(args: argparse.Namespace) -> None:
+    from shardstore.codecs.benchmark import format_codec_table, run_codec_benchmark
+    from shardstore.format.safetensors_io import read_file_header
+
+    read_file_header(args.file)  # a bad file is a one-line error before any work starts
+    result = run_codec_benchmark(args.file, threads=args.threads, piece_bytes=args.piece_size)
+    _emit(args, result, lambda: format_codec_table(result))
+
+
 # -- parser -----------------------------------------------------------------------
 
 
@@ -167,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"shardstore {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("push", help="push a .safetensors file or a model folder as NAME:TAG")
+    p = commands.add_parser("push", help="push a .safetensors file or a model folder as NAME:TAG (or to grpc://HOST:PORT/NAME:TAG)")
     p.add_argument("src", metavar="SRC")
     p.add_argument("ref", metavar="NAME:TAG")
     p.add_argument("--codec", default=DEFAULT_CODEC_NAME, help=f"lossless codec: {', '.join(codec_names())}")
@@ -177,13 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_push)
 
-    p = commands.add_parser("pull", help="write NAME:TAG into folder DEST")
+    p = commands.add_parser("pull", help="write NAME:TAG (or grpc://HOST:PORT/NAME:TAG) into folder DEST")
     p.add_argument("ref", metavar="NAME:TAG")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("--only", nargs="+", metavar="GLOB", help="only tensors whose names match these globs")
     p.add_argument("--threads", type=int, default=None, help="decoding threads (default: all cores)")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="shard cache for grpc:// pulls (default: $SHARDSTORE_CACHE, else ~/.cache/shardstore)")
     _common(p)
     p.set_defaults(func=cmd_pull)
+
+    p = commands.add_parser("serve", help="serve a store over gRPC")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
+    p.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="SIZE",
+                   help="in-memory cache of hot shards (default 256MiB)")
+    p.add_argument("--max-rate", type=parse_size, default=None, metavar="BYTES_PER_S",
+                   help="pace all sends to this rate, e.g. 125MB for a 1 Gbit/s link (benchmarks)")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight get on shutdown (default 10)")
+    _common(p)
+    p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("ls", help="list the models in a store")
     _common(p)
@@ -193,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", metavar="NAME:TAG")
     _common(p)
     p.set_defaults(func=cmd_inspect)
+
+    p = commands.add_parser("bench", help="benchmarks that print a table side by side with the peers")
+    benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    b = benches.add_parser("codecs", help="ratio and GB/s of every codec and peer on FILE, per dtype")
+    b.add_argument("file", metavar="FILE", help="a .safetensors file (BF16 and FP16 copies are made from it)")
+    b.add_argument("--threads", type=int, default=None, help="the 'all threads' column (default: all cores)")
+    b.add_argument("--piece-size", type=parse_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
+                   help="raw size of the pieces coded independently, as push cuts them (default 4MiB)")
+    _common(b, store=False)
+    b.set_defaults(func=cmd_bench_codecs)
     return parser
 
 

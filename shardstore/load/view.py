@@ -19,6 +19,7 @@ from shardstore.errors import InvalidInputError, NotFoundError
 from shardstore.format.dtypes import numpy_storage_dtype
 from shardstore.format.manifest import Manifest, TensorRecord
 from shardstore.format.shard import Shard, parse_shard
+from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.repository import ModelSource
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -55,8 +56,10 @@ class ModelView:
     """A model in a store or on a server, read lazily. Use as a context manager or call close()."""
 
     def __init__(self, source: ModelSource, ref: str, manifest_id: str, manifest: Manifest,
-                 shard_cache_bytes: int = DEFAULT_SHARD_CACHE_BYTES) -> None:
+                 shard_cache_bytes: int = DEFAULT_SHARD_CACHE_BYTES, owns_source: bool = False) -> None:
         self.source = source
+        # A view opened on a grpc:// URL owns its connection and closes it with itself.
+        self._owns_source = owns_source
         self.ref = ref
         self.manifest_id = manifest_id
         self.manifest = manifest
@@ -89,8 +92,32 @@ class ModelView:
     def get_slice(self, name: str) -> TensorSlice:
         return TensorSlice(self, name, self.record(name))
 
-    def state_dict(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        return {name: self.get_tensor(name, device) for name in self.keys()}
+    def state_dict(self, device: str | torch.device = "cpu", threads: int | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor, fetched in one pass: shards stream in while earlier ones decode in threads.
+
+        Each shard is fetched once and decoded straight into its tensors'
+        buffers, so memory holds each tensor once plus the shards in flight.
+        """
+        names = self.keys()
+        buffers = {name: np.empty(self.manifest.tensors[name].raw_bytes, dtype=np.uint8) for name in names}
+        wanted: dict[str, list[tuple[str, str, int, int]]] = {}
+        for name in names:
+            record = self.manifest.tensors[name]
+            for piece in record.pieces:
+                span = (piece.rows[0] * record.row_bytes, piece.rows[1] * record.row_bytes)
+                wanted.setdefault(piece.shard, []).append((name, piece.stream, *span))
+
+        def decode(item: tuple[str, bytes]) -> None:
+            shard_id, data = item
+            shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
+            for name, stream, start, stop in wanted[shard_id]:
+                shard.decode(stream, memoryview(buffers[name].data)[start:stop])
+
+        for _ in ordered_map(decode, self.source.fetch_shards(wanted), threads or default_threads()):
+            pass
+        records = self.manifest.tensors
+        return {name: self._as_tensor(buffers[name], records[name].dtype).reshape(records[name].shape).to(device)
+                for name in names}
 
     # -- internals ---------------------------------------------------------------
 
@@ -133,13 +160,20 @@ class ModelView:
                 decoded = shards[piece.shard].decode(piece.stream)
                 skip = (lo - piece.rows[0]) * record.row_bytes
                 target[:] = memoryview(decoded)[skip : skip + len(target)]
-        storage = out.view(numpy_storage_dtype(record.dtype))
-        return torch.from_numpy(storage).view(torch_dtype(record.dtype))
+        return self._as_tensor(out, record.dtype)
+
+    @staticmethod
+    def _as_tensor(flat: np.ndarray[Any, Any], dtype: str) -> torch.Tensor:
+        """A flat tensor of ``dtype`` over the bytes of ``flat`` (no copy)."""
+        return torch.from_numpy(flat.view(numpy_storage_dtype(dtype))).view(torch_dtype(dtype))
 
     def close(self) -> None:
         with self._lock:
             self._cache.clear()
             self._cache_bytes = 0
+        close_source = getattr(self.source, "close", None)
+        if self._owns_source and close_source is not None:
+            close_source()
 
     def __enter__(self) -> ModelView:
         return self

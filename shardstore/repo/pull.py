@@ -90,6 +90,9 @@ def pull(
     progress: bool = False,
 ) -> PullReport:
     started = time.perf_counter()
+    received_before = source.transferred_bytes
+    # Sources with a local shard cache (the gRPC client) count what it served.
+    cached_before: int = getattr(source, "cached_shards", 0)
     ref = parse_ref(ref_text)
     manifest_id = source.resolve(ref)
     manifest = source.get_manifest(manifest_id)
@@ -135,6 +138,7 @@ def pull(
                     handle.partial.unlink()
 
     blob_count = _write_blobs(source, manifest, root, selected if patterns else None)
+    cached = getattr(source, "cached_shards", 0) - cached_before
     return PullReport(
         ref=str(ref),
         manifest_id=manifest_id,
@@ -142,9 +146,9 @@ def pull(
         tensors=len(selected_names),
         files=len(open_files) + blob_count,
         raw_bytes=sum(manifest.tensors[n].raw_bytes for n in selected_names),
-        transferred_bytes=source.transferred_bytes,
-        shards_fetched=fetched,
-        shards_cached=0,
+        transferred_bytes=source.transferred_bytes - received_before,
+        shards_fetched=fetched - cached,
+        shards_cached=cached,
         seconds=round(time.perf_counter() - started, 3),
     )
 

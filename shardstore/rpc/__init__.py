@@ -1,0 +1,31 @@
+"""gRPC delivery: the wire API (``proto/shardstore/v1``), a server over any store, and a client source.
+
+``_generated`` is produced by ``scripts/gen_proto.py`` and never edited by hand.
+This module imports no grpc, so the CLI and the API can parse addresses cheaply.
+"""
+
+from __future__ import annotations
+
+from shardstore.errors import InvalidInputError
+
+GRPC_SCHEME = "grpc://"
+
+
+def is_grpc_url(text: object) -> bool:
+    return isinstance(text, str) and text.startswith(GRPC_SCHEME)
+
+
+def split_grpc_url(text: str) -> tuple[str, str | None]:
+    """``grpc://host:port/name:tag`` → (``host:port``, ``name:tag``); the ref part is None when absent.
+
+    The model name may itself hold ``/`` (``grpc://h:1/org/model:v1``): everything
+    after the first ``/`` following the address is the ref.
+    """
+    if not is_grpc_url(text):
+        raise InvalidInputError(f"not a grpc URL: {text!r} (expected grpc://HOST:PORT/NAME:TAG)")
+    rest = text[len(GRPC_SCHEME) :]
+    address, _sep, ref = rest.partition("/")
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"bad grpc URL {text!r}: the address must be HOST:PORT")
+    return address, ref or None

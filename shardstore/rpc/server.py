@@ -1,0 +1,504 @@
+"""The gRPC server: the Registry service (``proto/shardstore/v1/registry.proto``) over any :class:`Store`.
+
+:func:`create_server` builds a configured, unstarted server (tests and benches
+run it in-process); :func:`serve` runs one until SIGTERM/SIGINT and shuts it
+down gracefully. The servicer is thin: it validates requests, runs blocking
+store calls in a bounded thread pool, and maps errors to status codes through
+:mod:`shardstore.rpc.status`.
+
+Decisions (docs/grpc.md has the prose):
+
+* Object bytes travel in chunks of :data:`CHUNK_BYTES` (1 MiB): big enough that
+  per-message cost is noise, small enough that a shard of any size never makes
+  a large message and a slow client never pins much memory.
+* Message limits are explicit: :data:`MAX_MESSAGE_BYTES` (64 MiB) fits the
+  largest manifest we accept over the wire; every other message is ~1 MiB.
+* Every shard read from the store is checked against its id before it is sent
+  or cached (DESIGN invariant 3), and every uploaded object before it is
+  committed; a hot-shard LRU bounded in bytes spares repeated store reads.
+* While one shard is being sent the next is already being read, so a slow
+  store (S3) and the network overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shardstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
+from shardstore.format.digest import check_object_id, digest
+from shardstore.format.manifest import parse_manifest
+from shardstore.repo.refs import DEFAULT_TAG, parse_ref
+from shardstore.repo.repository import Repository, blob_key, manifest_key, shard_key
+from shardstore.rpc._generated import registry_pb2 as pb
+from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
+from shardstore.rpc.status import code_for, error_metadata
+from shardstore.store.base import Store
+
+log = logging.getLogger("shardstore.rpc.server")
+
+T = TypeVar("T")
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Registry"].full_name
+CHUNK_BYTES = 1 << 20
+MAX_MESSAGE_BYTES = 64 << 20
+# Slack above the payload limit for the message framing around it.
+_MESSAGE_LIMIT = MAX_MESSAGE_BYTES + (1 << 16)
+MAX_OBJECT_BYTES = 2 << 30
+MAX_IDS_PER_REQUEST = 100_000
+DEFAULT_CACHE_BYTES = 256 << 20
+DEFAULT_MAX_CONCURRENT_RPCS = 256
+DEFAULT_IO_THREADS = 8
+DEFAULT_GRACE_S = 10.0
+
+
+class HotShardCache:
+    """An LRU of verified shard bytes, bounded in bytes. Called from the event loop thread only."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self.size = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, shard_id: str) -> bytes | None:
+        data = self._items.get(shard_id)
+        if data is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(shard_id)
+        self.hits += 1
+        return data
+
+    def put(self, shard_id: str, data: bytes) -> None:
+        # A shard larger than a quarter of the cache would evict most of it for one reader.
+        if len(data) > self.max_bytes // 4 or shard_id in self._items:
+            return
+        self._items[shard_id] = data
+        self.size += len(data)
+        while self.size > self.max_bytes:
+            _old, evicted = self._items.popitem(last=False)
+            self.size -= len(evicted)
+
+
+class Pacer:
+    """Server-side pacing to emulate a link of ``rate`` bytes/s shared by every stream (benchmarks).
+
+    A token bucket holding at most one chunk: like a real link's send buffer it
+    keeps the line busy while the sender is busy writing the previous chunk,
+    instead of adding the sender's own time to every chunk's transmission time.
+    """
+
+    def __init__(self, rate: float, burst: int = CHUNK_BYTES) -> None:
+        if rate <= 0:
+            raise InvalidInputError(f"pacing rate must be positive, not {rate}")
+        self.rate = rate
+        self._burst_s = burst / rate
+        self._free_at = time.monotonic()
+
+    async def send(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` would have left the link (one event loop: no lock needed)."""
+        now = time.monotonic()
+        self._free_at = max(self._free_at, now - self._burst_s) + nbytes / self.rate
+        delay = self._free_at - now
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+def _chunks(object_id: str, data: bytes) -> list[pb.ObjectChunk]:
+    total = len(data)
+    if total == 0:
+        return [pb.ObjectChunk(id=object_id, offset=0, total_size=0, data=b"")]
+    return [
+        pb.ObjectChunk(id=object_id, offset=start, total_size=total, data=data[start : start + CHUNK_BYTES])
+        for start in range(0, total, CHUNK_BYTES)
+    ]
+
+
+class RegistryServicer(pb_grpc.RegistryServicer):
+    """The Registry service over one repository. Subclass to inject faults in tests."""
+
+    def __init__(self, store: Store, *, cache_bytes: int = DEFAULT_CACHE_BYTES, pace_bytes_per_s: float | None = None,
+                 io_threads: int = DEFAULT_IO_THREADS) -> None:
+        self.repo = Repository(store)
+        self.cache = HotShardCache(cache_bytes)
+        self.pacer = Pacer(pace_bytes_per_s) if pace_bytes_per_s else None
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="shardstore-io")
+        # Streams currently open; tests use it to prove cancellation frees resources.
+        self.active_streams = 0
+        self.sent_bytes = 0  # object bytes sent (shards and blobs)
+        self.received_bytes = 0  # object bytes uploaded to us
+
+    def close(self) -> None:
+        self._io.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, func: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, func, *args)
+
+    @staticmethod
+    async def _abort(context: grpc.aio.ServicerContext, exc: ShardstoreError) -> None:
+        code = code_for(exc)
+        if code is grpc.StatusCode.UNAVAILABLE:
+            log.warning("store failure: %s", exc)
+        context.set_trailing_metadata(error_metadata(exc))
+        await context.abort(code, str(exc))
+
+    @staticmethod
+    def _check_deadline(context: grpc.aio.ServicerContext) -> None:
+        # grpc cancels a handler whose deadline passes; this also refuses work
+        # that arrives with no time left, before any store call starts.
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise asyncio.CancelledError
+
+    async def _load_shard(self, shard_id: str) -> bytes:
+        data = self.cache.get(shard_id)
+        if data is None:
+            # Repository.get_shard_bytes checks the bytes against the id (invariant 3).
+            data = await self._run(self.repo.get_shard_bytes, shard_id)
+            self.cache.put(shard_id, data)
+        return data
+
+    async def _send(self, chunk: pb.ObjectChunk) -> pb.ObjectChunk:
+        if self.pacer is not None:
+            await self.pacer.send(len(chunk.data))
+        self.sent_bytes += len(chunk.data)
+        return chunk
+
+    # -- reads -------------------------------------------------------------------
+
+    async def ResolveRef(self, request: pb.ResolveRefRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ResolveRefResponse:
+        try:
+            ref = parse_ref(f"{request.name}:{request.tag or DEFAULT_TAG}")
+            return pb.ResolveRefResponse(manifest_id=await self._run(self.repo.resolve, ref))
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.GetManifestResponse:
+        try:
+            manifest_id = check_object_id(request.manifest_id, "manifest id")
+            data = await self._run(self.repo.store.get, manifest_key(manifest_id))
+            if len(data) > MAX_MESSAGE_BYTES:
+                raise InvalidInputError(f"manifest {manifest_id}: {len(data)} bytes, over the wire limit")
+            if await self._run(digest, data) != manifest_id:
+                raise IntegrityError(f"manifest {manifest_id}: content does not match its id")
+            return pb.GetManifestResponse(manifest=data)
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    async def GetBlob(self, request: pb.GetBlobRequest, context: grpc.aio.ServicerContext
+                      ) -> AsyncIterator[pb.ObjectChunk]:
+        try:
+            blob_id = check_object_id(request.blob_id, "blob id")
+            data = await self._run(self.repo.get_blob, blob_id)
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            return
+        for chunk in _chunks(blob_id, data):
+            yield await self._send(chunk)
+
+    async def StreamShards(self, request: pb.StreamShardsRequest, context: grpc.aio.ServicerContext
+                           ) -> AsyncIterator[pb.ObjectChunk]:
+        ids = list(dict.fromkeys(request.shard_ids))
+        self.active_streams += 1
+        upcoming: asyncio.Future[bytes] | None = None
+        try:
+            if len(ids) > MAX_IDS_PER_REQUEST:
+                raise InvalidInputError(f"at most {MAX_IDS_PER_REQUEST} shard ids per request, not {len(ids)}")
+            for shard_id in ids:
+                check_object_id(shard_id, "shard id")
+            self._check_deadline(context)
+            if ids:
+                upcoming = asyncio.ensure_future(self._load_shard(ids[0]))
+            for index, shard_id in enumerate(ids):
+                assert upcoming is not None
+                data = await upcoming
+                # Read the next shard while this one is on the wire.
+                upcoming = asyncio.ensure_future(self._load_shard(ids[index + 1])) if index + 1 < len(ids) else None
+                for chunk in _chunks(shard_id, data):
+                    yield await self._send(chunk)
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+        finally:
+            self.active_streams -= 1
+            if upcoming is not None:
+                upcoming.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(upcoming) if not upcoming.done() else upcoming.exception()
+
+    async def ListRefs(self, request: pb.ListRefsRequest, context: grpc.aio.ServicerContext) -> pb.ListRefsResponse:
+        try:
+            refs = await self._run(self.repo.list_refs)
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+        entries = [
+            pb.RefEntry(name=ref.name, tag=ref.tag, manifest_id=manifest_id)
+            for ref, manifest_id in sorted(refs, key=lambda item: (item[0].name, item[0].tag))
+            if ref.name.startswith(request.name_prefix)
+        ]
+        return pb.ListRefsResponse(refs=entries)
+
+    # -- writes ------------------------------------------------------------------
+
+    async def FindMissing(self, request: pb.FindMissingRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.FindMissingResponse:
+        try:
+            if len(request.shard_ids) + len(request.blob_ids) > MAX_IDS_PER_REQUEST:
+                raise InvalidInputError(f"at most {MAX_IDS_PER_REQUEST} ids per request")
+            shards = [check_object_id(s, "shard id") for s in request.shard_ids]
+            blobs = [check_object_id(b, "blob id") for b in request.blob_ids]
+
+            def missing() -> tuple[list[str], list[str]]:
+                store = self.repo.store
+                return ([s for s in shards if not store.exists(shard_key(s))],
+                        [b for b in blobs if not store.exists(blob_key(b))])
+
+            missing_shards, missing_blobs = await self._run(missing)
+            return pb.FindMissingResponse(missing_shard_ids=missing_shards, missing_blob_ids=missing_blobs)
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    async def UploadObjects(self, request_iterator: AsyncIterator[pb.UploadChunk],
+                            context: grpc.aio.ServicerContext) -> pb.UploadObjectsResponse:
+        committed: list[str] = []
+        existing: list[str] = []
+        received = 0
+        current: tuple[int, str, bytearray] | None = None  # kind, id, bytes so far
+
+        async def commit(kind: int, object_id: str, data: bytearray) -> None:
+            key = shard_key(object_id) if kind == pb.OBJECT_KIND_SHARD else blob_key(object_id)
+            label = "shard" if kind == pb.OBJECT_KIND_SHARD else "blob"
+
+            def verify_and_put() -> bool:
+                if digest(data) != object_id:
+                    raise IntegrityError(f"uploaded {label} {object_id}: content does not match its id; not stored")
+                return self.repo.store.put_if_absent(key, memoryview(data))
+
+            (committed if await self._run(verify_and_put) else existing).append(object_id)
+
+        try:
+            async for chunk in request_iterator:
+                if chunk.kind not in (pb.OBJECT_KIND_SHARD, pb.OBJECT_KIND_BLOB):
+                    raise InvalidInputError(f"upload of {chunk.id!r}: unknown object kind {chunk.kind}")
+                if chunk.total_size > MAX_OBJECT_BYTES:
+                    raise InvalidInputError(f"upload of {chunk.id}: {chunk.total_size} bytes is over the limit")
+                if current is None or chunk.offset == 0:
+                    if current is not None:
+                        raise InvalidInputError(f"upload of {current[1]}: stream moved on before the object ended")
+                    current = (chunk.kind, check_object_id(chunk.id, "object id"), bytearray())
+                kind, object_id, buffer = current
+                if chunk.id != object_id or chunk.offset != len(buffer) or chunk.kind != kind:
+                    raise InvalidInputError(f"upload of {object_id}: chunks out of order")
+                buffer += chunk.data
+                received += len(chunk.data)
+                self.received_bytes += len(chunk.data)
+                if len(buffer) > chunk.total_size:
+                    raise InvalidInputError(f"upload of {object_id}: more bytes than its declared size")
+                if len(buffer) == chunk.total_size:
+                    current = None
+                    await commit(kind, object_id, buffer)
+            if current is not None:
+                raise InvalidInputError(f"upload of {current[1]}: stream ended before the object did")
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+        return pb.UploadObjectsResponse(committed_ids=committed, existing_ids=existing, received_bytes=received)
+
+    async def PutManifest(self, request: pb.PutManifestRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.PutManifestResponse:
+        try:
+            manifest = await self._run(parse_manifest, request.manifest)
+
+            def check_and_put() -> tuple[str, int]:
+                store = self.repo.store
+                # Invariant 2: a manifest never points at a missing object.
+                for shard_id in manifest.shards:
+                    if not store.exists(shard_key(shard_id)):
+                        raise NotFoundError(f"manifest refused: shard {shard_id} is not in the store")
+                blob_ids = [f.header for f in manifest.files] + [b.id for b in manifest.blobs.values()]
+                for blob_id in blob_ids:
+                    if not store.exists(blob_key(blob_id)):
+                        raise NotFoundError(f"manifest refused: blob {blob_id} is not in the store")
+                return self.repo.put_manifest(manifest)
+
+            manifest_id, written = await self._run(check_and_put)
+            return pb.PutManifestResponse(manifest_id=manifest_id, written=written > 0)
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    async def SetRef(self, request: pb.SetRefRequest, context: grpc.aio.ServicerContext) -> pb.SetRefResponse:
+        try:
+            ref = parse_ref(f"{request.name}:{request.tag or DEFAULT_TAG}")
+            manifest_id = check_object_id(request.manifest_id, "manifest id")
+            expected = request.expected_manifest_id if request.HasField("expected_manifest_id") else None
+
+            def set_ref() -> str:
+                store = self.repo.store
+                try:
+                    previous = self.repo.resolve(ref)
+                except NotFoundError:
+                    previous = ""
+                if expected is None:
+                    self.repo.set_ref(ref, manifest_id)
+                    return previous
+                if not store.exists(manifest_key(manifest_id)):
+                    raise NotFoundError(f"{ref}: manifest {manifest_id} is not in the store")
+                want = (check_object_id(expected, "expected manifest id") + "\n").encode() if expected else None
+                if not store.compare_and_set(ref.key, want, manifest_id.encode() + b"\n"):
+                    raise ConflictError(f"{ref}: changed meanwhile (expected {expected or 'no ref'}); not updated")
+                return previous
+
+            return pb.SetRefResponse(previous_manifest_id=await self._run(set_ref))
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+
+class RegistryServer:
+    """A configured gRPC server with its servicer and health service; see :func:`create_server`."""
+
+    def __init__(self, server: grpc.aio.Server, servicer: RegistryServicer, health_servicer: Any,
+                 address: str) -> None:
+        self.server = server
+        self.servicer = servicer
+        self.health = health_servicer
+        self.address = address
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
+        """Graceful shutdown: report NOT_SERVING, refuse new calls, let calls in flight finish within ``grace``."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.servicer.close()
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def create_server(
+    store: Store,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    pace_bytes_per_s: float | None = None,
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
+    servicer: RegistryServicer | None = None,
+) -> tuple[RegistryServer, int]:
+    """An unstarted server bound to ``host:port`` (0: any free port) and the port it got. Call inside an event loop."""
+    options = [
+        ("grpc.max_send_message_length", _MESSAGE_LIMIT),
+        ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
+        # Two servers must never share a port by accident (tests bind port 0 in parallel).
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
+    servicer = servicer or RegistryServicer(store, cache_bytes=cache_bytes, pace_bytes_per_s=pace_bytes_per_s)
+    pb_grpc.add_RegistryServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise InvalidInputError(f"cannot listen on {host}:{port}")
+    display_host = f"[{host}]" if ":" in host else host
+    return RegistryServer(server, servicer, health_servicer, f"{display_host}:{bound}"), bound
+
+
+async def serve(
+    store: Store,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    on_ready: Callable[[str], None] | None = None,
+    grace: float = DEFAULT_GRACE_S,
+    **options: Any,
+) -> None:
+    """Run a server until SIGTERM or SIGINT, then shut it down gracefully."""
+    registry, _bound = create_server(store, host, port, **options)
+    await registry.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if on_ready is not None:
+        on_ready(registry.address)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down (grace %.1f s)", grace)
+        await registry.stop(grace)
+
+
+class BackgroundServer:
+    """A server on its own event loop thread: for tests, benches and the demo. A context manager."""
+
+    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
+        self._args = (store, host, port)
+        self._options = options
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="shardstore-server", daemon=True)
+        self.registry: RegistryServer | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        assert self.registry is not None, "server not started"
+        return self.registry.address
+
+    @property
+    def servicer(self) -> RegistryServicer:
+        assert self.registry is not None, "server not started"
+        return self.registry.servicer
+
+    def start(self) -> BackgroundServer:
+        self._thread.start()
+
+        async def start() -> tuple[RegistryServer, int]:
+            registry, port = create_server(*self._args, **self._options)
+            await registry.start()
+            return registry, port
+
+        self.registry, self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=30)
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        if self.registry is not None:
+            asyncio.run_coroutine_threadsafe(self.registry.stop(grace), self._loop).result(timeout=60)
+            self.registry = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+        if not self._loop.is_running() and not self._loop.is_closed():
+            self._loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

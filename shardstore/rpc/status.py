@@ -1,0 +1,85 @@
+"""shardstore errors ↔ gRPC status codes, in one place, both ways.
+
+The server turns each :class:`~shardstore.errors.ShardstoreError` into a status
+code plus the trailing metadata key ``shardstore-error`` naming the class; the
+client turns them back into the same class, so a CLI on the far side of a wire
+prints the same one line it would print against a local store.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from shardstore.errors import (
+    CodecError,
+    ConflictError,
+    FormatError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    ShardstoreError,
+    StoreError,
+)
+
+ERROR_METADATA_KEY = "shardstore-error"
+
+# Most specific first: the first class an exception is an instance of wins.
+_TO_CODE: tuple[tuple[type[ShardstoreError], grpc.StatusCode], ...] = (
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (FormatError, grpc.StatusCode.INVALID_ARGUMENT),
+    (CodecError, grpc.StatusCode.INVALID_ARGUMENT),
+    (IntegrityError, grpc.StatusCode.DATA_LOSS),
+    (ConflictError, grpc.StatusCode.ABORTED),
+    # A backend failure (network, throttling, full disk) is usually transient:
+    # UNAVAILABLE tells the client a bounded retry is worth it.
+    (StoreError, grpc.StatusCode.UNAVAILABLE),
+)
+
+_BY_NAME: dict[str, type[ShardstoreError]] = {cls.__name__: cls for cls, _code in _TO_CODE}
+
+# Used when the peer did not name a class (another implementation, a proxy, grpc itself).
+_FROM_CODE: dict[grpc.StatusCode, type[ShardstoreError]] = {
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidInputError,
+    grpc.StatusCode.FAILED_PRECONDITION: InvalidInputError,
+    grpc.StatusCode.DATA_LOSS: IntegrityError,
+    grpc.StatusCode.ABORTED: ConflictError,
+    grpc.StatusCode.ALREADY_EXISTS: ConflictError,
+}
+
+# Codes a client may retry: the request never reached a handler, or the server
+# is shedding load / shutting down. Everything else is an answer.
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def code_for(exc: ShardstoreError) -> grpc.StatusCode:
+    for cls, code in _TO_CODE:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def error_metadata(exc: ShardstoreError) -> tuple[tuple[str, str], ...]:
+    for cls, _code in _TO_CODE:
+        if isinstance(exc, cls):
+            return ((ERROR_METADATA_KEY, cls.__name__),)
+    return ()
+
+
+def error_from_rpc(exc: grpc.RpcError, where: str) -> ShardstoreError:
+    """The shardstore error a failed call stands for, its message prefixed with ``where`` only for transport faults."""
+    code: grpc.StatusCode = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details: str = (exc.details() if hasattr(exc, "details") else None) or str(code)
+    named: str | None = None
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == ERROR_METADATA_KEY:
+            named = value if isinstance(value, str) else value.decode("ascii", "replace")
+    cls = _BY_NAME.get(named or "") or _FROM_CODE.get(code)
+    if cls is not None:
+        return cls(details)
+    # Transport-level trouble (UNAVAILABLE after retries, DEADLINE_EXCEEDED,
+    # CANCELLED, INTERNAL...): a StoreError, the error a failing store raises.
+    return StoreError(f"{where}: {code.name.lower()}: {details}")

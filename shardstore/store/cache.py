@@ -1,0 +1,159 @@
+"""A local, content-addressed, size-bounded LRU cache of shards: a directory.
+
+Clients keep every shard they fetch here, so a second pull of the same model,
+or of another version sharing tensors with it, fetches only the shards the
+cache lacks. Entries are named by their id, written atomically (temporary file
+then rename: a crash never leaves a torn entry that looks whole), and checked
+against their id on every read: a corrupt entry is deleted and reported as a
+miss, never returned (DESIGN invariant 3).
+
+Recency is the file's mtime, touched on each hit, so several processes can
+share one cache without a lock file: at worst two of them evict the same
+entry, which is harmless. Eviction runs when the running total passes the
+bound and trims to 90 % of it, so it costs one directory scan per ~10 % of
+churn rather than one per write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import uuid
+from pathlib import Path
+
+from shardstore.format.digest import digest, is_object_id
+
+CACHE_ENV = "SHARDSTORE_CACHE"
+CACHE_SIZE_ENV = "SHARDSTORE_CACHE_SIZE"
+DEFAULT_CACHE_BYTES = 20 << 30
+_TRIM_TO = 0.9
+_TMP_PREFIX = ".tmp-"
+
+
+def default_cache_dir() -> Path:
+    """``$SHARDSTORE_CACHE``, else ``$XDG_CACHE_HOME/shardstore`` (``~/.cache/shardstore``)."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache_home) / "shardstore"
+
+
+def default_cache_bytes() -> int:
+    configured = os.environ.get(CACHE_SIZE_ENV)
+    return int(configured) if configured and configured.isdigit() else DEFAULT_CACHE_BYTES
+
+
+class ShardCache:
+    """``<root>/shards/<id[:2]>/<id>``, at most ``max_bytes`` in all. Safe to use from several threads."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, max_bytes: int | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.max_bytes = max_bytes if max_bytes is not None else default_cache_bytes()
+        self._lock = threading.Lock()
+        self._size: int | None = None  # computed lazily: a scan costs a walk of the folder
+        self.hits = 0
+        self.misses = 0
+        self.corrupt = 0
+
+    def _path(self, shard_id: str) -> Path:
+        return self.root / "shards" / shard_id[:2] / shard_id
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        entries: list[tuple[float, int, Path]] = []
+        base = self.root / "shards"
+        if not base.is_dir():
+            return entries
+        for folder in base.iterdir():
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                if path.name.startswith(_TMP_PREFIX):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    stat = path.stat()
+                    entries.append((stat.st_mtime, stat.st_size, path))
+        return entries
+
+    @property
+    def size(self) -> int:
+        with self._lock:
+            if self._size is None:
+                self._size = sum(size for _mtime, size, _path in self._entries())
+            return self._size
+
+    def get(self, shard_id: str) -> bytes | None:
+        """The shard's bytes if cached and intact; a corrupt entry is deleted and counts as a miss."""
+        if not is_object_id(shard_id):
+            return None
+        path = self._path(shard_id)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            self.misses += 1
+            return None
+        if digest(data) != shard_id:
+            self.corrupt += 1
+            self.misses += 1
+            self._remove(path, len(data))
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recency for LRU
+        self.hits += 1
+        return data
+
+    def __contains__(self, shard_id: str) -> bool:
+        return is_object_id(shard_id) and self._path(shard_id).is_file()
+
+    def put(self, shard_id: str, data: bytes | bytearray | memoryview) -> None:
+        """Keep a shard the caller has already checked against its id. Best effort: a full disk only skips it."""
+        if not is_object_id(shard_id) or len(data) > self.max_bytes:
+            return
+        path = self._path(shard_id)
+        if path.exists():
+            return
+        _ = self.size  # scan (once) before the write, so the scan cannot count this entry twice
+        tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            return
+        with self._lock:
+            self._size = (self._size or 0) + len(data)
+            over = self._size > self.max_bytes
+        if over:
+            self.evict()
+
+    def evict(self) -> None:
+        """Remove least recently used entries until the cache holds at most 90 % of its bound."""
+        with self._lock:
+            entries = sorted(self._entries())
+            total = sum(size for _mtime, size, _path in entries)
+            target = int(self.max_bytes * _TRIM_TO)
+            for _mtime, size, path in entries:
+                if total <= target:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                total -= size
+            self._size = total
+
+    def _remove(self, path: Path, size: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        with self._lock:
+            if self._size is not None:
+                self._size = max(0, self._size - size)
+
+    def clear(self) -> None:
+        with self._lock:
+            for _mtime, _size, path in self._entries():
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            self._size = 0
