@@ -112,7 +112,10 @@ def push_model(
 
     with MappedFiles(model) as views, Progress(f"push {ref}", raw_total, progress) as bar:
         encode = lambda plan: _encode_shard(plan, views, pipeline, target)  # noqa: E731
-        for shard in ordered_map(encode, plans, threads or default_threads()):
+        # Uploads to an object store wait on round trips, so keep at least its request
+        # concurrency in flight even where that exceeds the cores.
+        workers = threads or max(default_threads(), getattr(target, "concurrency", 1))
+        for shard in ordered_map(encode, plans, workers):
             shard_sizes[shard.shard_id] = shard.size
             if shard.uploaded:
                 uploaded_bytes += shard.size

@@ -11,12 +11,14 @@ over a store is one, the gRPC client is another.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from shardstore.errors import IntegrityError, InvalidInputError, NotFoundError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
+from shardstore.repo.pool import ordered_map
 from shardstore.repo.refs import Ref, parse_ref, ref_from_key
 from shardstore.store.base import Store
 
@@ -58,6 +60,15 @@ class Repository:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._transferred = 0
+        self._lock = threading.Lock()
+
+    @property
+    def concurrency(self) -> int:
+        return self.store.concurrency
+
+    def _count(self, size: int) -> None:
+        with self._lock:
+            self._transferred += size
 
     @property
     def transferred_bytes(self) -> int:
@@ -75,12 +86,12 @@ class Repository:
     def get_manifest(self, manifest_id: str) -> Manifest:
         check_object_id(manifest_id, "manifest id")
         data = self.store.get(manifest_key(manifest_id))
-        self._transferred += len(data)
+        self._count(len(data))
         return parse_manifest(data, manifest_id)
 
     def _get_verified(self, key: str, object_id: str, kind: str) -> bytes:
         data = self.store.get(key)
-        self._transferred += len(data)
+        self._count(len(data))
         if digest(data) != object_id:
             raise IntegrityError(f"{kind} {object_id}: content does not match its id (corrupt or truncated)")
         return data
@@ -92,8 +103,9 @@ class Repository:
         return self._get_verified(shard_key(check_object_id(shard_id, "shard id")), shard_id, "shard")
 
     def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
-        for shard_id in shard_ids:
-            yield shard_id, self.get_shard_bytes(shard_id)
+        # Object stores answer each request after a round trip: keep several in flight,
+        # still yielding in order so the consumer's memory stays bounded.
+        yield from ordered_map(lambda s: (s, self.get_shard_bytes(s)), shard_ids, self.concurrency)
 
     def has_shard(self, shard_id: str) -> bool:
         return self.store.exists(shard_key(shard_id))

@@ -31,6 +31,10 @@ def open_store(url: str | None = None, **storage_options: Any) -> Store:
         return MemoryStore.named(url[len("memory://") :].strip("/"))
     if "://" not in url:
         return LocalStore(url)
+    if url.startswith(("s3://", "s3a://")):
+        from shardstore.store.s3 import S3Store
+
+        return S3Store(url, **storage_options)
     from shardstore.store.fsspec_store import FsspecStore
 
     return FsspecStore(url, **storage_options)

@@ -39,6 +39,9 @@ class Store(ABC):
     """Where objects live. Implementations must be safe to call from several threads."""
 
     capabilities = StoreCapabilities()
+    # Requests worth having in flight at once for bulk reads and writes: 1 for a local
+    # disk, more for object stores, where each request waits on a round trip.
+    concurrency = 1
 
     @property
     @abstractmethod

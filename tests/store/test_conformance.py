@@ -21,9 +21,15 @@ BACKENDS: dict[str, StoreFactory] = {
 }
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=[*sorted(BACKENDS), "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    backend = BACKENDS[request.param](tmp_path)
+    if request.param == "s3":
+        # The real S3 protocol against moto's HTTP server on loopback.
+        endpoint = request.getfixturevalue("s3_endpoint")
+        bucket = request.getfixturevalue("s3_bucket")
+        backend: Store = open_store(f"s3://{bucket}/prefix", endpoint_url=endpoint)
+    else:
+        backend = BACKENDS[request.param](tmp_path)
     yield backend
     backend.close()
 

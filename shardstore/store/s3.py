@@ -1,0 +1,169 @@
+"""S3 and S3-compatible object stores (MinIO, Ceph RGW, R2...) through s3fs.
+
+What S3 adds over the generic fsspec store:
+
+* **Conditional writes.** Immutable objects are created with ``If-None-Match: *`` and refs
+  are replaced with ``If-Match: <etag>``, so two pushes racing on one bucket never clobber
+  each other's ref silently. Engines without conditional writes are opened with the storage
+  option ``conditional_writes=false`` and refs become last-writer-wins (docs/design.md).
+* **Retries.** Transient failures (503 SlowDown, throttling, resets, timeouts) are retried by
+  botocore's ``standard`` mode and s3fs with bounded exponential backoff; permanent ones
+  (missing bucket, access denied) surface at once as one-line errors naming the key.
+* **No silent bucket creation.** A missing bucket is an error, never created by a write.
+
+Endpoint, credentials and region come from the usual AWS environment variables and config
+files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``, ``AWS_REGION``...), and
+from storage options (``--storage-option endpoint_url=http://...``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from shardstore.errors import NotFoundError, StoreError
+from shardstore.store.base import StoreCapabilities
+from shardstore.store.fsspec_store import FsspecStore
+
+T = TypeVar("T")
+
+# Concurrent requests one store issues for bulk reads and writes (pull prefetch, push).
+DEFAULT_S3_CONCURRENCY = 8
+DEFAULT_MAX_ATTEMPTS = 6
+
+
+def _error_code(exc: BaseException) -> str:
+    """The S3 error code inside whatever s3fs/botocore wrapped it in."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        response = getattr(current, "response", None)
+        if isinstance(response, dict):
+            return str(response.get("Error", {}).get("Code", ""))
+        current = current.__cause__ or current.__context__
+    return ""
+
+
+class S3Store(FsspecStore):
+    def __init__(self, url: str, *, conditional_writes: bool | str = True, concurrency: int | str | None = None,
+                 **storage_options: Any) -> None:
+        config = dict(storage_options.pop("config_kwargs", {}) or {})
+        config.setdefault("retries", {"max_attempts": DEFAULT_MAX_ATTEMPTS, "mode": "standard"})
+        super().__init__(url, config_kwargs=config, **storage_options)
+        self.bucket = self.root.split("/", 1)[0]
+        self.conditional_writes = str(conditional_writes).lower() not in ("false", "0", "no")
+        self.capabilities = StoreCapabilities(atomic_compare_and_set=self.conditional_writes, shared=True)
+        self.concurrency = max(1, int(concurrency or DEFAULT_S3_CONCURRENCY))
+        self._bucket_checked = False
+
+    # -- errors --------------------------------------------------------------------
+
+    def _fail(self, key: str, action: str, exc: BaseException) -> StoreError:
+        code = _error_code(exc)
+        if isinstance(exc, PermissionError) or code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return StoreError(f"{key}: access denied to {self.url} ({code or exc})")
+        if code == "NoSuchBucket" or (isinstance(exc, FileNotFoundError) and not self._bucket_exists()):
+            return StoreError(f"{key}: bucket {self.bucket!r} does not exist ({self.url})")
+        return StoreError(f"{key}: cannot {action} {self.url}: {code or exc}")
+
+    def _bucket_exists(self) -> bool:
+        try:
+            self.fs.call_s3("head_bucket", Bucket=self.bucket)
+        except Exception:  # any failure to see the bucket means we cannot use it
+            return False
+        return True
+
+    def _guard(self, key: str, action: str, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        except FileNotFoundError as exc:
+            if _error_code(exc) != "NoSuchBucket" and self._bucket_exists():
+                raise NotFoundError(f"{key}: not in store {self.url}") from None
+            raise self._fail(key, action, exc) from None
+        except OSError as exc:
+            raise self._fail(key, action, exc) from None
+
+    # -- primitives ----------------------------------------------------------------
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        return self._guard(key, "read from", lambda: bytes(self.fs.cat_file(path)))
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        path = self._path(key)
+        return self._guard(key, "read from", lambda: bytes(self.fs.cat_file(path, start=start, end=end)))
+
+    def size(self, key: str) -> int:
+        path = self._path(key)
+        return self._guard(key, "stat in", lambda: int(self.fs.info(path)["size"]))
+
+    def exists(self, key: str) -> bool:
+        path = self._path(key)
+        try:
+            self.fs.info(path)
+        except FileNotFoundError:
+            if not self._bucket_checked:
+                if not self._bucket_exists():
+                    raise self._fail(key, "look up", FileNotFoundError(self.bucket)) from None
+                self._bucket_checked = True
+            return False
+        except OSError as exc:
+            raise self._fail(key, "look up", exc) from None
+        return True
+
+    def _put_object(self, key: str, data: bytes | memoryview, **conditions: str) -> bool:
+        """PutObject, optionally conditional; False when the precondition failed (412)."""
+        try:
+            self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._path(key).split("/", 1)[1],
+                            Body=bytes(data), **conditions)
+        except Exception as exc:  # s3fs re-raises ClientErrors as OSError subclasses
+            if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+                return False
+            if isinstance(exc, OSError) or _error_code(exc):
+                raise self._fail(key, "write to", exc) from None
+            raise
+        finally:
+            self.fs.invalidate_cache(self._path(key))
+        return True
+
+    def put(self, key: str, data: bytes | memoryview) -> None:
+        self._put_object(key, data)
+
+    def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        # HEAD first: shards are large, and most already-present objects are found here
+        # without sending their bytes. If-None-Match then closes the race window.
+        if self.exists(key):
+            return False
+        if not self.conditional_writes:
+            self.put(key, data)
+            return True
+        return self._put_object(key, data, IfNoneMatch="*")
+
+    def compare_and_set(self, key: str, expected: bytes | None, new: bytes) -> bool:
+        if not self.conditional_writes:
+            return super().compare_and_set(key, expected, new)
+        if expected is None:
+            return self._put_object(key, new, IfNoneMatch="*")
+        try:
+            response = self.fs.call_s3("get_object", Bucket=self.bucket, Key=self._path(key).split("/", 1)[1])
+            current, etag = response["Body"], response["ETag"]
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._fail(key, "read from", exc) from None
+        body = self.fs.loop and _read_body(self.fs, current)
+        if body != expected:
+            return False
+        return self._put_object(key, new, IfMatch=etag)
+
+
+def _read_body(fs: Any, body: Any) -> bytes:
+    """Read an aiobotocore streaming body on s3fs's event loop."""
+    from fsspec.asyn import sync
+
+    async def read() -> bytes:
+        async with body as stream:
+            return bytes(await stream.read())
+
+    return bytes(sync(fs.loop, read))

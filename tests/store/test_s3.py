@@ -1,0 +1,108 @@
+"""S3 through a real HTTP endpoint (moto on 127.0.0.1): the real model, races, transient and permanent faults."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from faults import FaultProxy
+from safetensors.torch import load_file, save_file
+
+import shardstore
+from shardstore.errors import StoreError
+from shardstore.repo.repository import Repository
+from shardstore.repo.verify import verify
+from shardstore.store import open_store
+from shardstore.store.s3 import S3Store
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_push_pull_open_real_model_on_s3(minilm_bf16_dir: Path, s3_bucket: str, tmp_path: Path) -> None:
+    store = open_store(f"s3://{s3_bucket}/models")
+    assert isinstance(store, S3Store) and store.capabilities.atomic_compare_and_set
+    pushed = shardstore.push(minilm_bf16_dir, "minilm:bf16", store=store)
+    assert shardstore.push(minilm_bf16_dir, "minilm:bf16", store=store).uploaded_bytes == 0
+    pulled = shardstore.pull("minilm:bf16", tmp_path / "out", store=f"s3://{s3_bucket}/models")
+    assert _files(tmp_path / "out") == _files(minilm_bf16_dir)
+    assert pulled.shards_fetched == pushed.shards_total
+    originals = load_file(str(minilm_bf16_dir / "model.safetensors"))
+    with shardstore.open("minilm:bf16", store=store) as view:
+        name = "encoder.layer.1.attention.self.key.weight"
+        assert torch.equal(view.get_tensor(name), originals[name])
+    assert verify(Repository(store), read_data=True).healthy
+
+
+def _variant(src: Path, dest: Path, tensor: str) -> Path:
+    shutil.copytree(src, dest)
+    tensors = load_file(str(dest / "model.safetensors"))
+    tensors[tensor] = -tensors[tensor]
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def test_racing_pushes_with_overlapping_tensors(minilm_bf16_dir: Path, s3_bucket: str, tmp_path: Path) -> None:
+    models = {
+        "race/a:v1": _variant(minilm_bf16_dir, tmp_path / "a", "encoder.layer.0.output.dense.weight"),
+        "race/b:v1": _variant(minilm_bf16_dir, tmp_path / "b", "encoder.layer.5.output.dense.weight"),
+        "race/c:v1": minilm_bf16_dir,
+    }
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(models))
+
+    def push(ref: str, src: Path) -> None:
+        try:
+            barrier.wait()
+            shardstore.push(src, ref, store=open_store(f"s3://{s3_bucket}"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=push, args=item) for item in models.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    repo = Repository(open_store(f"s3://{s3_bucket}"))
+    report = verify(repo, read_data=True)
+    assert report.healthy, report.problems
+    assert report.refs == 3
+    for ref, src in models.items():
+        shardstore.pull(ref, tmp_path / "pulled" / ref.replace("/", "_"), store=repo.store)
+        assert _files(tmp_path / "pulled" / ref.replace("/", "_")) == _files(src)
+
+
+def test_transient_503s_are_survived(minilm_fp16_dir: Path, s3_endpoint: str, s3_bucket: str,
+                                     tmp_path: Path) -> None:
+    def every_third(number: int, method: str, path: str) -> int | None:
+        return 503 if number % 3 == 0 else None
+
+    with FaultProxy(s3_endpoint, every_third) as proxy:
+        store = open_store(f"s3://{s3_bucket}/flaky", endpoint_url=proxy.url)
+        shardstore.push(minilm_fp16_dir, "flaky:v1", store=store)
+        shardstore.pull("flaky:v1", tmp_path / "out", store=store)
+        assert proxy.faults > 10
+    assert _files(tmp_path / "out") == _files(minilm_fp16_dir)
+
+
+def test_missing_bucket_is_a_clear_error(minilm_dir: Path, s3_endpoint: str) -> None:
+    store = open_store("s3://no-such-bucket/prefix")
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist") as info:
+        shardstore.push(minilm_dir, "m:v1", store=store)
+    assert "\n" not in str(info.value)
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' does not exist"):
+        shardstore.pull("m:v1", "unused", store=store)
+
+
+def test_access_denied_is_a_clear_error(minilm_dir: Path, s3_endpoint: str, s3_bucket: str) -> None:
+    with FaultProxy(s3_endpoint, lambda number, method, path: 403) as proxy:
+        store = open_store(f"s3://{s3_bucket}", endpoint_url=proxy.url)
+        with pytest.raises(StoreError, match="access denied") as info:
+            shardstore.push(minilm_dir, "m:v1", store=store)
+        assert "\n" not in str(info.value)
+        assert proxy.requests < 20  # permanent errors are not retried over and over
