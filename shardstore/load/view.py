@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,15 @@ class ModelView:
 
     def keys(self) -> list[str]:
         return self.manifest.select(None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.manifest.tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.manifest.tensors
 
     def metadata(self) -> dict[str, str]:
         merged: dict[str, str] = {}

@@ -22,8 +22,13 @@ def default_store_url() -> str:
     return str(Path(data_home) / "shardstore")
 
 
-def open_store(url: str | None = None, **storage_options: Any) -> Store:
-    """A store for a URL: a path or ``file://`` (local), ``memory://name``, or any fsspec URL."""
+def open_store(url: str | Store | None = None, **storage_options: Any) -> Store:
+    """A store for a URL: a path or ``file://`` (local), ``memory://name``, or any fsspec URL.
+
+    A :class:`Store` is returned as it is, so callers can pass either.
+    """
+    if isinstance(url, Store):
+        return url
     url = url or default_store_url()
     if url.startswith("file://"):
         return LocalStore(url[len("file://") :])

@@ -123,3 +123,10 @@ def test_sharded_checkpoint_with_index(tmp_path: Path, local_store: LocalStore) 
     shardstore.push(model, "sharded:v1", store=local_store, chunk_bytes=1024)
     shardstore.pull("sharded:v1", tmp_path / "out", store=local_store)
     assert _files(tmp_path / "out") == _files(model)
+
+
+def test_view_behaves_like_a_mapping_of_names(minilm_dir: Path, local_store: LocalStore) -> None:
+    shardstore.push(minilm_dir, "minilm:v1", store=local_store)
+    with shardstore.open("minilm:v1", store=local_store) as view:
+        assert list(view) == view.keys() and len(view) == 104
+        assert "pooler.dense.weight" in view and "nope" not in view

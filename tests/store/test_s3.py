@@ -106,3 +106,26 @@ def test_access_denied_is_a_clear_error(minilm_dir: Path, s3_endpoint: str, s3_b
             shardstore.push(minilm_dir, "m:v1", store=store)
         assert "\n" not in str(info.value)
         assert proxy.requests < 20  # permanent errors are not retried over and over
+
+
+def test_two_servers_over_one_bucket_serve_the_same_model(
+    minilm_bf16_dir: Path, s3_bucket: str, tmp_path: Path
+) -> None:
+    from shardstore.rpc.server import BackgroundServer
+
+    store_url = f"s3://{s3_bucket}/shared"
+    pushed = shardstore.push(minilm_bf16_dir, "minilm:v1", store=store_url)
+    originals = load_file(str(minilm_bf16_dir / "model.safetensors"))
+    name = "encoder.layer.3.intermediate.dense.weight"
+    with BackgroundServer(open_store(store_url)) as first, BackgroundServer(open_store(store_url)) as second:
+        views = [shardstore.open(f"grpc://{server.address}/minilm:v1", cache=str(tmp_path / f"cache{i}"))
+                 for i, server in enumerate((first, second))]
+        try:
+            assert {view.manifest_id for view in views} == {pushed.manifest_id}
+            for view in views:
+                assert torch.equal(view.get_tensor(name), originals[name])  # lazily: one layer
+        finally:
+            for view in views:
+                view.close()
+        shardstore.pull(f"grpc://{second.address}/minilm:v1", tmp_path / "out", cache=str(tmp_path / "cache2"))
+    assert _files(tmp_path / "out") == _files(minilm_bf16_dir)
