@@ -43,11 +43,13 @@ element in order, looks up slot = x & 4095, sets x = f * (x >> 12) + slot -
 start, and if x < 2^16 reads the next word: x = x << 16 | word. Every lane
 must end at 2^16 with every word consumed. A varint is LEB128, at most 3 bytes.
 
-The hot loops are C (``_entropy.c``, GIL released, decoding straight into the
-caller's buffer). Without the extension the numpy kernels below produce the
-same bytes; frequency normalisation and the raw/coded choice are shared Python
-(integer-only arithmetic, so identical input gives identical bytes on every
-machine, invariant 5).
+The C extension (``_entropy.c``) encodes and decodes a whole piece per call with the GIL
+released: histograms, frequency normalisation, the raw/coded choice and the payloads on encode;
+every block and field plus the merge back into elements, written straight into the caller's
+buffer, on decode (AVX2 rANS and bit unpacking where the CPU has it, chosen at run time, with a
+portable C path otherwise). Without the extension the numpy kernels below produce the same
+bytes; the C planning mirrors :func:`normalize` and :func:`_plan` step for step (integer-only
+arithmetic, so identical input gives identical bytes on every machine, invariant 5).
 """
 
 from __future__ import annotations
@@ -95,20 +97,11 @@ def layout(dtype: str) -> tuple[int, bool, tuple[int, ...]]:
 
 
 class Kernels(Protocol):
-    """The three hot loops; ``_entropy`` (C) and :class:`NumpyKernels` both provide them."""
+    """Whole-piece encode and decode; ``_entropy`` (C) and :class:`NumpyKernels` both provide them."""
 
-    def histogram(self, data: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int) -> bytes: ...
-
-    def encode(
-        self,
-        data: Buffer,
-        itemsize: int,
-        rotate: int,
-        widths: bytes,
-        block_elems: int,
-        modes: bytes,
-        freqs: bytes,
-    ) -> list[bytes]: ...
+    def encode_piece(
+        self, data: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int, cost: bytes
+    ) -> bytes: ...
 
     def decode(
         self,
@@ -254,43 +247,21 @@ def _field(u: npt.NDArray[np.uint64], widths: bytes, f: int) -> npt.NDArray[np.i
 
 
 class NumpyKernels:
-    """The same three loops as ``_entropy.c`` in numpy, producing the same bytes. Slow."""
+    """The same whole-piece loops as ``_entropy.c`` in numpy, producing the same bytes. Slow."""
 
     @staticmethod
-    def histogram(data: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int) -> bytes:
-        u = _elements(data, itemsize, rotate)
-        nblocks = -(-len(u) // block_elems)
-        counts = np.zeros((nblocks, len(widths), ALPHABET), dtype=np.uint32)
-        for b in range(nblocks):
-            ub = u[b * block_elems : (b + 1) * block_elems]
-            for f in range(len(widths)):
-                counts[b, f] = np.bincount(_field(ub, widths, f), minlength=ALPHABET)
-        return counts.tobytes()
-
-    @staticmethod
-    def encode(
-        data: Buffer,
-        itemsize: int,
-        rotate: int,
-        widths: bytes,
-        block_elems: int,
-        modes: bytes,
-        freqs: bytes,
-    ) -> list[bytes]:
-        u = _elements(data, itemsize, rotate)
-        nblocks = -(-len(u) // block_elems)
-        table = np.frombuffer(freqs, dtype="<u2").astype(np.int64).reshape(-1, ALPHABET)
-        parts: list[bytes] = []
-        for b in range(nblocks):
-            ub = u[b * block_elems : (b + 1) * block_elems]
-            for f, w in enumerate(widths):
-                part = b * len(widths) + f
-                values = _field(ub, widths, f)
-                if modes[part] == _MODE_RAW:
-                    parts.append(_pack_bits(values, w))
-                else:
-                    parts.append(_rans_encode(values, table[part]))
-        return parts
+    def encode_piece(data: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int, cost: bytes) -> bytes:
+        n = memoryview(data).nbytes // itemsize
+        counts = _numpy_histogram(data, itemsize, rotate, widths, block_elems)
+        plan = _plan(counts, tuple(widths), n, block_elems)
+        parts = _numpy_parts(data, itemsize, rotate, widths, block_elems, plan)
+        chunks: list[bytes] = []
+        for part, payload in enumerate(parts):
+            if plan.modes[part] == _MODE_RAW:
+                chunks += [b"\x00", payload]
+            else:
+                chunks += [b"\x01", plan.tables[part], _U32.pack(len(payload)), payload]
+        return b"".join(chunks)
 
     @staticmethod
     def decode(
@@ -302,6 +273,40 @@ class NumpyKernels:
         out: memoryview,
     ) -> None:
         _numpy_decode(stream, itemsize, rotate, widths, block_elems, out)
+
+
+def _numpy_histogram(
+    data: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int
+) -> npt.NDArray[np.int64]:
+    """Counts [block, field, 512] of every field value."""
+    u = _elements(data, itemsize, rotate)
+    nblocks = -(-len(u) // block_elems)
+    counts = np.zeros((nblocks, len(widths), ALPHABET), dtype=np.int64)
+    for b in range(nblocks):
+        ub = u[b * block_elems : (b + 1) * block_elems]
+        for f in range(len(widths)):
+            counts[b, f] = np.bincount(_field(ub, widths, f), minlength=ALPHABET)
+    return counts
+
+
+def _numpy_parts(
+    data: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int, plan: _Plan
+) -> list[bytes]:
+    """The payload of every (block, field) part: bit-packed raw, or rANS states and words."""
+    u = _elements(data, itemsize, rotate)
+    nblocks = -(-len(u) // block_elems)
+    table = plan.freqs.astype(np.int64).reshape(-1, ALPHABET)
+    parts: list[bytes] = []
+    for b in range(nblocks):
+        ub = u[b * block_elems : (b + 1) * block_elems]
+        for f, w in enumerate(widths):
+            part = b * len(widths) + f
+            values = _field(ub, widths, f)
+            if plan.modes[part] == _MODE_RAW:
+                parts.append(_pack_bits(values, w))
+            else:
+                parts.append(_rans_encode(values, table[part]))
+    return parts
 
 
 def _pack_bits(values: npt.NDArray[np.int64], w: int) -> bytes:
@@ -443,37 +448,43 @@ def _decode_field(reader: _Reader, w: int, nb: int) -> npt.NDArray[np.int64]:
 
 NUMPY_KERNELS: Kernels = NumpyKernels()
 C_KERNELS: Kernels | None
+C_PORTABLE_KERNELS: Kernels | None  # the C loops without SIMD, for tests on machines that have it
 try:
     from shardstore.codecs import _entropy  # type: ignore[attr-defined]
 
     C_KERNELS = _entropy
+
+    class _PortableC:
+        """The C kernels with the SIMD decode switched off (same bytes, any x86-64 or other CPU)."""
+
+        encode_piece = staticmethod(_entropy.encode_piece)
+
+        @staticmethod
+        def decode(
+            stream: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int, out: memoryview
+        ) -> None:
+            _entropy.decode(stream, itemsize, rotate, widths, block_elems, out, False)
+
+    C_PORTABLE_KERNELS = _PortableC()
 except ImportError:  # no compiler at install time: same format, numpy speed
     C_KERNELS = None
+    C_PORTABLE_KERNELS = None
 
 DEFAULT_KERNELS: Kernels = C_KERNELS if C_KERNELS is not None else NUMPY_KERNELS
+
+
+@functools.cache
+def _cost_bytes() -> bytes:
+    """The cost table as the C encoder takes it: 4097 native int64."""
+    return _cost_table().astype(np.int64).tobytes()
 
 
 def encode_piece(data: Buffer, dtype: str, block_elems: int, kernels: Kernels) -> bytes:
     k, rotate, widths = layout(dtype)
     view = memoryview(data).cast("B")
-    n = len(view) // k
-    if n == 0:
+    if len(view) < k:
         return b""
-    wbytes = bytes(widths)
-    counts = (
-        np.frombuffer(kernels.histogram(view, k, int(rotate), wbytes, block_elems), dtype=np.uint32)
-        .reshape(-1, len(widths), ALPHABET)
-        .astype(np.int64)
-    )
-    plan = _plan(counts, widths, n, block_elems)
-    parts = kernels.encode(view, k, int(rotate), wbytes, block_elems, bytes(plan.modes), plan.freqs.tobytes())
-    chunks: list[bytes] = []
-    for part, payload in enumerate(parts):
-        if plan.modes[part] == _MODE_RAW:
-            chunks += [b"\x00", payload]
-        else:
-            chunks += [b"\x01", plan.tables[part], _U32.pack(len(payload)), payload]
-    return b"".join(chunks)
+    return kernels.encode_piece(view, k, int(rotate), bytes(widths), block_elems, _cost_bytes())
 
 
 def decode_piece(encoded: Buffer, dtype: str, block_elems: int, out: memoryview, kernels: Kernels) -> None:

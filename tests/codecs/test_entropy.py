@@ -16,9 +16,10 @@ from shardstore.errors import CodecError
 from shardstore.format.dtypes import ITEMSIZE
 
 IMPLEMENTATIONS: list[E.Kernels] = [E.NUMPY_KERNELS]
-if E.C_KERNELS is not None:
-    IMPLEMENTATIONS.append(E.C_KERNELS)
-KERNELS = [pytest.param(k, id="numpy" if k is E.NUMPY_KERNELS else "c") for k in IMPLEMENTATIONS]
+if E.C_KERNELS is not None and E.C_PORTABLE_KERNELS is not None:
+    IMPLEMENTATIONS += [E.C_KERNELS, E.C_PORTABLE_KERNELS]
+_NAMES = {id(E.NUMPY_KERNELS): "numpy", id(E.C_KERNELS): "c", id(E.C_PORTABLE_KERNELS): "c-portable"}
+KERNELS = [pytest.param(k, id=_NAMES[id(k)]) for k in IMPLEMENTATIONS]
 
 # Bit patterns that break naive float handling: NaN payloads (quiet, signalling, negative),
 # signed zeros, infinities, subnormals, extremes.
@@ -93,6 +94,33 @@ def test_round_trip_every_dtype(piece: tuple[str, bytes], block_elems: int) -> N
             assert bytes(out) == data
     # Invariant 5 across implementations: the same bytes whichever kernels encoded.
     assert len(set(encoded.values())) == 1
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64", "U8", "I16"])
+def test_large_pieces_every_implementation(dtype: str) -> None:
+    """Several blocks of weight-like values: long enough for the SIMD paths and their tails."""
+    k = ITEMSIZE[dtype]
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(50_003).astype(np.float32) * np.float32(0.03)
+    x[::101] = 0.0
+    raw = {
+        "BF16": (x.view(np.uint32) >> 16).astype("<u2"),
+        "F16": x.astype("<f2"),
+        "F32": x.astype("<f4"),
+        "F64": x.astype("<f8"),
+        "U8": rng.integers(0, 40, len(x)).astype(np.uint8),
+        "I16": rng.integers(-2000, 2000, len(x)).astype("<i2"),
+    }[dtype].tobytes()
+    assert len(raw) == len(x) * k
+    for block_elems in (1 << 12, 4000, 1 << 18):
+        blobs = {E.encode_piece(raw, dtype, block_elems, kernels) for kernels in IMPLEMENTATIONS}
+        assert len(blobs) == 1
+        (blob,) = blobs
+        assert len(blob) < len(raw)
+        for kernels in IMPLEMENTATIONS:
+            out = bytearray(len(raw))
+            E.decode_piece(blob, dtype, block_elems, memoryview(out), kernels)
+            assert bytes(out) == raw
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
