@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tree_snapshot
 from safetensors.torch import load_file, save_file
 
 import shardstore
@@ -14,10 +15,6 @@ from shardstore.errors import NotFoundError
 from shardstore.store import LocalStore
 
 LAYER = "encoder.layer.2."
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("variant", ["minilm_dir", "minilm_bf16_dir", "minilm_fp16_dir"])
@@ -31,7 +28,7 @@ def test_push_pull_is_byte_identical(
     assert report.shards_uploaded == report.shards_total > 0
     pulled = shardstore.pull("minilm:v1", tmp_path / "out", store=local_store)
     assert pulled.tensors == report.tensors and pulled.raw_bytes == report.raw_bytes
-    assert _files(tmp_path / "out") == _files(model)  # every file, every byte
+    assert tree_snapshot(tmp_path / "out") == tree_snapshot(model)  # every file, every byte
 
 
 def test_second_push_uploads_nothing(minilm_dir: Path, local_store: LocalStore) -> None:
@@ -122,7 +119,7 @@ def test_sharded_checkpoint_with_index(tmp_path: Path, local_store: LocalStore) 
     (model / "config.json").write_text("{}")
     shardstore.push(model, "sharded:v1", store=local_store, chunk_bytes=1024)
     shardstore.pull("sharded:v1", tmp_path / "out", store=local_store)
-    assert _files(tmp_path / "out") == _files(model)
+    assert tree_snapshot(tmp_path / "out") == tree_snapshot(model)
 
 
 def test_view_behaves_like_a_mapping_of_names(minilm_dir: Path, local_store: LocalStore) -> None:

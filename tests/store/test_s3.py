@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from faults import FaultProxy
+from helpers import tree_snapshot
 from safetensors.torch import load_file, save_file
 
 import shardstore
@@ -19,17 +20,13 @@ from shardstore.store import open_store
 from shardstore.store.s3 import S3Store
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
 def test_push_pull_open_real_model_on_s3(minilm_bf16_dir: Path, s3_bucket: str, tmp_path: Path) -> None:
     store = open_store(f"s3://{s3_bucket}/models")
     assert isinstance(store, S3Store) and store.capabilities.atomic_compare_and_set
     pushed = shardstore.push(minilm_bf16_dir, "minilm:bf16", store=store)
     assert shardstore.push(minilm_bf16_dir, "minilm:bf16", store=store).uploaded_bytes == 0
     pulled = shardstore.pull("minilm:bf16", tmp_path / "out", store=f"s3://{s3_bucket}/models")
-    assert _files(tmp_path / "out") == _files(minilm_bf16_dir)
+    assert tree_snapshot(tmp_path / "out") == tree_snapshot(minilm_bf16_dir)
     assert pulled.shards_fetched == pushed.shards_total
     originals = load_file(str(minilm_bf16_dir / "model.safetensors"))
     with shardstore.open("minilm:bf16", store=store) as view:
@@ -74,7 +71,7 @@ def test_racing_pushes_with_overlapping_tensors(minilm_bf16_dir: Path, s3_bucket
     assert report.refs == 3
     for ref, src in models.items():
         shardstore.pull(ref, tmp_path / "pulled" / ref.replace("/", "_"), store=repo.store)
-        assert _files(tmp_path / "pulled" / ref.replace("/", "_")) == _files(src)
+        assert tree_snapshot(tmp_path / "pulled" / ref.replace("/", "_")) == tree_snapshot(src)
 
 
 def test_transient_503s_are_survived(minilm_fp16_dir: Path, s3_endpoint: str, s3_bucket: str,
@@ -87,7 +84,7 @@ def test_transient_503s_are_survived(minilm_fp16_dir: Path, s3_endpoint: str, s3
         shardstore.push(minilm_fp16_dir, "flaky:v1", store=store)
         shardstore.pull("flaky:v1", tmp_path / "out", store=store)
         assert proxy.faults > 10
-    assert _files(tmp_path / "out") == _files(minilm_fp16_dir)
+    assert tree_snapshot(tmp_path / "out") == tree_snapshot(minilm_fp16_dir)
 
 
 def test_missing_bucket_is_a_clear_error(minilm_dir: Path, s3_endpoint: str) -> None:
@@ -128,4 +125,4 @@ def test_two_servers_over_one_bucket_serve_the_same_model(
             for view in views:
                 view.close()
         shardstore.pull(f"grpc://{second.address}/minilm:v1", tmp_path / "out", cache=str(tmp_path / "cache2"))
-    assert _files(tmp_path / "out") == _files(minilm_bf16_dir)
+    assert tree_snapshot(tmp_path / "out") == tree_snapshot(minilm_bf16_dir)
