@@ -64,7 +64,8 @@ class ModelView:
         self.ref = ref
         self.manifest_id = manifest_id
         self.manifest = manifest
-        self._cache: OrderedDict[str, Shard] = OrderedDict()
+        # shard id -> (parsed shard, its stored size): eviction subtracts what insertion added.
+        self._cache: OrderedDict[str, tuple[Shard, int]] = OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = shard_cache_bytes
         self._lock = threading.Lock()
@@ -137,7 +138,7 @@ class ModelView:
             for shard_id in shard_ids:
                 if shard_id in self._cache:
                     self._cache.move_to_end(shard_id)
-                    found[shard_id] = self._cache[shard_id]
+                    found[shard_id] = self._cache[shard_id][0]
         missing = [s for s in shard_ids if s not in found]
         for shard_id, data in self.source.fetch_shards(missing):
             shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
@@ -147,13 +148,13 @@ class ModelView:
 
     def _remember(self, shard_id: str, shard: Shard, size: int) -> None:
         with self._lock:
-            if size > self._cache_limit:
+            if size > self._cache_limit or shard_id in self._cache:
                 return
-            self._cache[shard_id] = shard
+            self._cache[shard_id] = (shard, size)
             self._cache_bytes += size
             while self._cache_bytes > self._cache_limit:
-                _old_id, old = self._cache.popitem(last=False)
-                self._cache_bytes -= sum(len(view) for _h, view in old.streams.values())
+                _old_id, (_old, old_size) = self._cache.popitem(last=False)
+                self._cache_bytes -= old_size
 
     def _read_rows(self, name: str, record: TensorRecord, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) as a flat tensor, fetching and decoding only the pieces that hold them."""

@@ -127,3 +127,14 @@ def test_view_behaves_like_a_mapping_of_names(minilm_dir: Path, local_store: Loc
     with shardstore.open("minilm:v1", store=local_store) as view:
         assert list(view) == view.keys() and len(view) == 104
         assert "pooler.dense.weight" in view and "nope" not in view
+
+
+def test_view_shard_cache_stays_within_its_bound(minilm_dir: Path, local_store: LocalStore) -> None:
+    shardstore.push(minilm_dir, "minilm:v1", store=local_store)
+    limit = 6 << 20
+    with shardstore.open("minilm:v1", store=local_store, shard_cache_bytes=limit) as view:
+        for name in view:
+            view.get_tensor(name)
+            cached = view._cache
+            assert view._cache_bytes == sum(view.manifest.shards[s] for s in cached) <= limit
+        assert len(view._cache) > 0
