@@ -111,18 +111,13 @@ class ModelView:
         """
         names = self.keys()
         buffers = {name: np.empty(self.manifest.tensors[name].raw_bytes, dtype=np.uint8) for name in names}
-        wanted: dict[str, list[tuple[str, str, int, int]]] = {}
-        for name in names:
-            record = self.manifest.tensors[name]
-            for piece in record.pieces:
-                span = (piece.rows[0] * record.row_bytes, piece.rows[1] * record.row_bytes)
-                wanted.setdefault(piece.shard, []).append((name, piece.stream, *span))
+        wanted = self.manifest.pieces_by_shard(names)
 
         def decode(item: tuple[str, bytes]) -> None:
             shard_id, data = item
             shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
-            for name, stream, start, stop in wanted[shard_id]:
-                shard.decode(stream, memoryview(buffers[name].data)[start:stop])
+            for name, piece, start, stop in wanted[shard_id]:
+                shard.decode(piece.stream, memoryview(buffers[name].data)[start:stop])
 
         for _ in ordered_map(decode, self.source.fetch_shards(wanted), threads or default_threads()):
             pass

@@ -162,21 +162,15 @@ def _write_tensors(
     progress: bool,
     label: str,
 ) -> int:
-    # Which streams of each shard we need, and where each goes in its file.
-    wanted: dict[str, list[tuple[str, _OpenFile, int]]] = {}
-    for name in names:
-        record = manifest.tensors[name]
-        for piece in record.pieces:
-            offset = where[name].offsets[name] + piece.rows[0] * record.row_bytes
-            wanted.setdefault(piece.shard, []).append((piece.stream, where[name], offset))
+    wanted = manifest.pieces_by_shard(names)
 
     def decode_and_write(item: tuple[str, bytes]) -> int:
         shard_id, data = item
         shard = parse_shard(data, shard_id, verify_id=False)  # the source verified the id
         written = 0
-        for stream, handle, offset in wanted[shard_id]:
-            decoded = shard.decode(stream)
-            os.pwrite(handle.fd, decoded, offset)
+        for name, piece, start, _stop in wanted[shard_id]:
+            decoded = shard.decode(piece.stream)
+            os.pwrite(where[name].fd, decoded, where[name].offsets[name] + start)
             written += len(decoded)
         return written
 
