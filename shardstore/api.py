@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # torch and grpc are imported only when needed, keeping the C
 
 
 def _repository(store: str | Store | None) -> Repository:
-    return Repository(store if isinstance(store, Store) else open_store(store))
+    return Repository(open_store(store))
 
 
 def _grpc_target(ref: str, store: str | Store | None) -> tuple[str, str] | None:

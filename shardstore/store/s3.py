@@ -152,8 +152,7 @@ class S3Store(FsspecStore):
             return False
         except OSError as exc:
             raise self._fail(key, "read from", exc) from None
-        body = self.fs.loop and _read_body(self.fs, current)
-        if body != expected:
+        if _read_body(self.fs, current) != expected:
             return False
         return self._put_object(key, new, IfMatch=etag)
 
