@@ -1,0 +1,58 @@
+"""The ``shardstore`` command: one module per group of subcommands, each with a ``register(commands)``.
+
+Every command takes ``--json`` and then prints exactly one JSON object on
+stdout. Mistakes in the input end in one line on stderr and exit status 1 (2
+for bad usage); a traceback means a bug in shardstore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from shardstore.cli import bench, models, serve, verify
+from shardstore.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, human_bytes, parse_size
+from shardstore.errors import InvalidInputError, ShardstoreError
+
+__all__ = ["build_parser", "human_bytes", "main", "parse_size"]
+
+# Order is the order of ``shardstore --help``. A new command group is a module here with ``register``.
+COMMAND_MODULES = [models, serve, verify, bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from shardstore import __version__
+
+    parser = argparse.ArgumentParser(prog="shardstore", description="Store and deliver compressed models.")
+    parser.add_argument("--version", action="version", version=f"shardstore {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMAND_MODULES:
+        module.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.progress = not (args.json or args.quiet)
+    try:
+        options = dict(getattr(args, "storage_options", None) or [])
+        if options:
+            from shardstore.store import open_store
+
+            if args.store and args.store.startswith("grpc://"):
+                raise InvalidInputError("--storage-option applies to stores, not to grpc:// servers")
+            args.store = open_store(args.store, **options)
+        args.func(args)
+    except ShardstoreError as exc:
+        print(f"shardstore {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"shardstore {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as exc:  # a user's path or disk: report it, don't dump a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"shardstore {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
