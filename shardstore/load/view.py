@@ -20,6 +20,7 @@ from shardstore.errors import InvalidInputError, NotFoundError
 from shardstore.format.dtypes import numpy_storage_dtype
 from shardstore.format.manifest import Manifest, TensorRecord
 from shardstore.format.shard import Shard, parse_shard
+from shardstore.repo.pieces import decode_piece
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.repository import ModelSource
 
@@ -117,7 +118,7 @@ class ModelView:
             shard_id, data = item
             shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
             for name, piece, start, stop in wanted[shard_id]:
-                shard.decode(piece.stream, memoryview(buffers[name].data)[start:stop])
+                decode_piece(shard, piece, memoryview(buffers[name].data)[start:stop], lookup=self._shard)
 
         for _ in ordered_map(decode, self.source.fetch_shards(wanted), threads or default_threads()):
             pass
@@ -141,6 +142,9 @@ class ModelView:
             self._remember(shard_id, shard, len(data))
         return found
 
+    def _shard(self, shard_id: str) -> Shard:
+        return self._shards([shard_id])[shard_id]
+
     def _remember(self, shard_id: str, shard: Shard, size: int) -> None:
         with self._lock:
             if size > self._cache_limit or shard_id in self._cache:
@@ -161,9 +165,9 @@ class ModelView:
             lo, hi = max(start, piece.rows[0]), min(stop, piece.rows[1])
             target = memoryview(out.data)[(lo - start) * record.row_bytes : (hi - start) * record.row_bytes]
             if (lo, hi) == piece.rows:
-                shards[piece.shard].decode(piece.stream, target)  # straight into place
+                decode_piece(shards[piece.shard], piece, target, lookup=self._shard)  # straight into place
             else:
-                decoded = shards[piece.shard].decode(piece.stream)
+                decoded = decode_piece(shards[piece.shard], piece, lookup=self._shard)
                 skip = (lo - piece.rows[0]) * record.row_bytes
                 target[:] = memoryview(decoded)[skip : skip + len(target)]
         return self._as_tensor(out, record.dtype)
