@@ -1,4 +1,4 @@
-"""``shardstore verify``: is every ref, manifest, shard and blob of a store sound?"""
+"""``shardstore verify``: is every ref, manifest, shard and blob sound? ``--repair`` fixes what it safely can."""
 
 from __future__ import annotations
 
@@ -11,14 +11,20 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from shardstore.repo.repository import Repository
     from shardstore.repo.verify import verify
     from shardstore.store import open_store
+    from shardstore.store.cache import ShardCache
 
     repo = Repository(open_store(args.store))
-    report = verify(repo, read_data=args.read_data)
+    # The client's shard cache is checked when named, and always by --repair (the default one).
+    cache = ShardCache(args.cache) if args.cache is not None or args.repair else None
+    report = verify(repo, read_data=args.read_data, repair=args.repair, cache=cache)
 
     def human() -> str:
         depth = "every byte read and decoded" if args.read_data else "structure and sizes"
         lines = [f"checked {repo.store.url} ({depth}): {report.refs} refs, {report.manifests} manifests, "
-                 f"{report.shards} shards, {report.blobs} blobs in {report.seconds:.2f} s"]
+                 f"{report.shards} shards, {report.blobs} blobs, {report.unreferenced} unreferenced objects"
+                 + (f", {report.cache_entries} cache entries in {cache.root}" if cache is not None else "")
+                 + f" in {report.seconds:.2f} s"]
+        lines += [f"  repaired: {r}" for r in report.repaired]
         lines += [f"  problem: {p}" for p in report.problems]
         lines.append("healthy" if report.healthy else f"{len(report.problems)} problems")
         return "\n".join(lines)
@@ -32,5 +38,11 @@ def register(commands: Commands) -> None:
     p = commands.add_parser("verify", help="check that every ref, manifest, shard and blob of a store is sound")
     p.add_argument("--read-data", action="store_true",
                    help="also read every object, check its digest and decode every stream against its checksum")
+    p.add_argument("--repair", action="store_true",
+                   help="delete corrupt cache entries and corrupt objects nothing references; rewrite corrupt "
+                        "referenced shards from an intact cached copy; never delete a referenced object")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="also check this shard cache (default with --repair: $SHARDSTORE_CACHE, else "
+                        "~/.cache/shardstore)")
     add_common_options(p)
     p.set_defaults(func=cmd_verify)

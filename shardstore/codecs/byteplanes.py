@@ -88,7 +88,12 @@ class BytePlanesZstdCodec(Codec):
                 plain: Buffer = payload
             elif mode == _MODE_ZSTD:
                 try:
-                    # max_output_size bounds memory by what the manifest declares.
+                    # A frame that declares its size is decompressed to that size whatever
+                    # max_output_size says (a zstd bomb): refuse any declaration but ours first.
+                    declared = zstandard.frame_content_size(payload)
+                    if declared not in (count, -1):
+                        raise CodecError(f"{self.codec_id}: plane {plane_index} declares {declared} bytes, "
+                                         f"expected {count}")
                     plain = dctx.decompress(payload, max_output_size=count)
                 except zstandard.ZstdError as exc:
                     raise CodecError(f"{self.codec_id}: corrupt zstd plane: {exc}") from None

@@ -10,8 +10,10 @@ safetensors files) and users' model files share one validator.
 Rules enforced (those of the reference implementation, plus a size cap):
 header size ≤ 100 MB and within the file; valid UTF-8 JSON object without
 duplicate keys; known dtypes; non-negative integer shapes whose byte size does
-not overflow; offsets that match the byte size, lie inside the data area, and
-tile it exactly (no overlaps, no holes).
+not overflow (nor does any single dimension: ``[0, 2**100]`` holds no bytes
+but no framework can make it); offsets that match the byte size, lie inside the
+data area, and tile it exactly (no overlaps, no holes). Error messages quote at
+most a few dozen characters of what they refuse, however large it is.
 """
 
 from __future__ import annotations
@@ -29,6 +31,34 @@ MAX_HEADER_BYTES = 100_000_000
 _LEN = struct.Struct("<Q")
 # Every element count we accept fits an int64, like torch and numpy.
 _MAX_BYTES = 1 << 62
+_QUOTE_CHARS = 60
+
+
+def quote(value: Any) -> str:
+    """``repr(value)`` cut short: a hostile header must not turn into a megabyte error line."""
+    text = repr(value)
+    return text if len(text) <= _QUOTE_CHARS else f"{text[:_QUOTE_CHARS]}...({len(text)} chars)"
+
+
+def checked_nbytes(dtype: str, shape: Any, what: str) -> int:
+    """The byte size of ``dtype`` x ``shape`` from untrusted input, or a FormatError naming ``what``.
+
+    Every dimension must be a non-negative int and neither it nor the product may
+    pass 2**62 bytes, so the result is safe to allocate against (when small) and to
+    hand to numpy or torch (always).
+    """
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+        raise FormatError(f"{what}: unknown dtype {quote(dtype)}")
+    if not isinstance(shape, list | tuple) or not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"{what}: shape must be a list of non-negative integers, not {quote(shape)}")
+    size = ITEMSIZE[dtype]
+    for dim in shape:
+        if dim > _MAX_BYTES:
+            raise FormatError(f"{what}: shape {quote(shape)} overflows")
+        size *= dim
+        if size > _MAX_BYTES:
+            raise FormatError(f"{what}: shape {quote(shape)} overflows")
+    return size
 
 
 @dataclass(frozen=True)
@@ -75,29 +105,22 @@ def header_length(prefix: bytes, what: str, file_size: int) -> int:
 
 
 def _entry(name: str, raw: Any, what: str) -> TensorEntry:
+    where = f"{what}: tensor {quote(name)}"
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "data_offsets"}:
-        raise FormatError(f"{what}: tensor {name!r}: entry must have exactly dtype, shape, data_offsets")
+        raise FormatError(f"{where}: entry must have exactly dtype, shape, data_offsets")
     dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
-    if dtype not in ITEMSIZE:
-        raise FormatError(f"{what}: tensor {name!r}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise FormatError(f"{what}: tensor {name!r}: shape must be a list of non-negative integers")
+    size = checked_nbytes(dtype, shape, where)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int and o >= 0 for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise FormatError(f"{what}: tensor {name!r}: bad data_offsets {offsets!r}")
-    size = ITEMSIZE[dtype]
-    for dim in shape:
-        size *= dim
-        if size > _MAX_BYTES:
-            raise FormatError(f"{what}: tensor {name!r}: shape {shape} overflows")
+        raise FormatError(f"{where}: bad data_offsets {quote(offsets)}")
     if offsets[1] - offsets[0] != size:
         raise FormatError(
-            f"{what}: tensor {name!r}: data_offsets span {offsets[1] - offsets[0]} bytes, "
-            f"dtype {dtype} x shape {shape} needs {size}"
+            f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes, dtype {dtype} x shape {quote(shape)} "
+            f"needs {size}"
         )
     return TensorEntry(name, dtype, tuple(shape), offsets[0], offsets[1])
 
@@ -118,7 +141,8 @@ def parse_header(header_bytes: bytes, what: str, data_size: int) -> SafetensorsH
     for entry in entries:
         if entry.begin != position:
             problem = "overlaps the previous tensor" if entry.begin < position else "leaves a hole before it"
-            raise FormatError(f"{what}: tensor {entry.name!r} {problem} (offset {entry.begin}, expected {position})")
+            raise FormatError(f"{what}: tensor {quote(entry.name)} {problem} (offset {entry.begin}, "
+                              f"expected {position})")
         position = entry.end
     if position != data_size:
         problem = "truncated" if position > data_size else "has trailing bytes"

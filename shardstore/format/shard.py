@@ -26,8 +26,7 @@ from shardstore.codecs.pipeline import Pipeline
 from shardstore.errors import CodecError, FormatError, IntegrityError
 from shardstore.format import canonical_json
 from shardstore.format.digest import HASH_NAME, digest, is_object_id
-from shardstore.format.dtypes import ITEMSIZE
-from shardstore.format.safetensors_io import build_header, parse_bytes
+from shardstore.format.safetensors_io import build_header, checked_nbytes, parse_bytes, quote
 
 SHARD_FORMAT = "shardstore.shard.v1"
 METADATA_KEY = "shardstore"
@@ -81,17 +80,16 @@ def build_shard(streams: list[tuple[StreamHeader, bytes]]) -> bytes:
 
 
 def _stream_header(key: str, raw: Any, what: str) -> StreamHeader:
+    where = f"{what}: stream {quote(key)}"
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "codec", "checksum"}:
-        raise FormatError(f"{what}: stream {key}: header must have exactly dtype, shape, codec, checksum")
+        raise FormatError(f"{where}: header must have exactly dtype, shape, codec, checksum")
     dtype, shape, codec, checksum = raw["dtype"], raw["shape"], raw["codec"], raw["checksum"]
-    if dtype not in ITEMSIZE:
-        raise FormatError(f"{what}: stream {key}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise FormatError(f"{what}: stream {key}: bad shape {shape!r}")
+    # The decoded size is what decoding allocates: it must be a sane number before anyone trusts it.
+    checked_nbytes(dtype, shape, where)
     if not isinstance(codec, list) or not codec or not all(isinstance(c, dict) for c in codec):
-        raise FormatError(f"{what}: stream {key}: codec must be a non-empty list of configs")
+        raise FormatError(f"{where}: codec must be a non-empty list of configs")
     if not is_object_id(checksum):
-        raise FormatError(f"{what}: stream {key}: bad checksum {checksum!r}")
+        raise FormatError(f"{where}: bad checksum {quote(checksum)}")
     return StreamHeader(dtype, tuple(shape), tuple(codec), checksum)
 
 
@@ -114,6 +112,6 @@ def parse_shard(data: bytes | memoryview, shard_id: str, *, verify_id: bool = Tr
     streams: dict[str, tuple[StreamHeader, memoryview]] = {}
     for key, entry in entries.items():
         if entry.dtype != "U8" or len(entry.shape) != 1:
-            raise FormatError(f"{what}: stream {key} must be a 1-D U8 tensor")
+            raise FormatError(f"{what}: stream {quote(key)} must be a 1-D U8 tensor")
         streams[key] = (_stream_header(key, raw_streams[key], what), area[entry.begin : entry.end])
     return Shard(shard_id, streams)

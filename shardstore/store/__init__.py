@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from shardstore.store.base import Store, StoreCapabilities, check_key
+from shardstore.store.base import ObjectInfo, Store, StoreCapabilities, check_key
 from shardstore.store.local import LocalStore
 from shardstore.store.memory import MemoryStore
 
@@ -49,6 +49,7 @@ __all__ = [
     "STORE_ENV",
     "LocalStore",
     "MemoryStore",
+    "ObjectInfo",
     "Store",
     "StoreCapabilities",
     "check_key",

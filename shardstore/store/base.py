@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from shardstore.errors import InvalidInputError
+from shardstore.errors import InvalidInputError, NotFoundError
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9._@:+=-]+$")
 
@@ -24,6 +24,17 @@ def check_key(key: str) -> str:
     if not key or any(p in ("", ".", "..") or not _KEY_PART.match(p) for p in parts):
         raise InvalidInputError(f"invalid store key {key!r}")
     return key
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a listing says about one object: gc needs its size (bytes freed) and age (grace period)."""
+
+    key: str
+    size: int
+    # Seconds since the epoch of the last write, by the backend's clock; None where the
+    # backend keeps no such time (gc then treats the object as young: never deleted by age).
+    modified: float | None
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,27 @@ class Store(ABC):
         Returns whether the write happened. Backends without conditional writes
         document themselves as last-writer-wins (capabilities).
         """
+
+    def modified(self, key: str) -> float | None:
+        """When the object was last written (seconds since the epoch), None if the backend cannot say.
+
+        Raises NotFoundError for a missing key. Optional: the default knows no times.
+        """
+        self.size(key)  # a missing key is still an error
+        return None
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Every object under ``prefix`` with its size and modification time.
+
+        The default asks per key; backends whose listings carry both override it
+        (one request per page instead of two per object). Objects deleted between
+        the listing and the question are skipped.
+        """
+        for key in self.list(prefix):
+            try:
+                yield ObjectInfo(key, self.size(key), self.modified(key))
+            except NotFoundError:
+                continue
 
     def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
         """Write an immutable object unless it exists; returns whether it was written.

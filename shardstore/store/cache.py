@@ -151,6 +151,26 @@ class ShardCache:
             if self._size is not None:
                 self._size = max(0, self._size - size)
 
+    def scrub(self, *, delete: bool) -> tuple[int, list[Path]]:
+        """Check every entry against its id: (entries checked, the corrupt ones), deleting those when asked.
+
+        Reads never return a corrupt entry anyway (:meth:`get` checks); this finds
+        them all at once, for ``verify --cache``.
+        """
+        corrupt: list[Path] = []
+        entries = self._entries()
+        for _mtime, size, path in entries:
+            try:
+                intact = is_object_id(path.name) and digest(path.read_bytes()) == path.name
+            except OSError:
+                continue  # evicted meanwhile
+            if not intact:
+                corrupt.append(path)
+                if delete:
+                    self._remove(path, size)
+        self.corrupt += len(corrupt)
+        return len(entries), corrupt
+
     def clear(self) -> None:
         with self._lock:
             for _mtime, _size, path in self._entries():

@@ -8,13 +8,31 @@ writes; elsewhere the capability flag says last-writer-wins.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from datetime import datetime
 from typing import Any
 
 import fsspec
 
 from shardstore.errors import NotFoundError, StoreError
-from shardstore.store.base import Store, StoreCapabilities, check_key
+from shardstore.store.base import ObjectInfo, Store, StoreCapabilities, check_key
+
+# Where fsspec backends put an object's modification time, in the order we trust them.
+_MTIME_FIELDS = ("LastModified", "mtime", "last_modified", "updated", "modified", "created")
+
+
+def modified_time(info: Mapping[str, Any]) -> float | None:
+    """Seconds since the epoch from an fsspec ``info`` dict, whatever the backend calls the field."""
+    for name in _MTIME_FIELDS:
+        value = info.get(name)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
 
 
 class FsspecStore(Store):
@@ -63,23 +81,44 @@ class FsspecStore(Store):
             raise StoreError(f"{key}: cannot write to {self.url}: {exc}") from None
 
     def exists(self, key: str) -> bool:
-        return bool(self.fs.exists(self._path(key)))
+        try:
+            return bool(self._info(key).get("type", "file") == "file")
+        except FileNotFoundError:
+            return False
 
     def size(self, key: str) -> int:
         try:
-            return int(self.fs.size(self._path(key)))
+            return int(self._info(key)["size"])
         except FileNotFoundError:
             raise NotFoundError(f"{key}: not in store {self.url}") from None
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def _info(self, key: str) -> dict[str, Any]:
+        """The backend's metadata of one object, always asked afresh (never from a listings cache)."""
+        # refresh: a listing cached by this process must never make a deleted object
+        # look present (a push would then skip uploading it; see gc).
+        return dict(self.fs.info(self._path(key), refresh=True))
+
+    def modified(self, key: str) -> float | None:
+        try:
+            return modified_time(self._info(key))
+        except FileNotFoundError:
+            raise NotFoundError(f"{key}: not in store {self.url}") from None
+
+    def _find(self, prefix: str) -> dict[str, dict[str, Any]]:
         base = self._path(prefix) if prefix else self.root
         try:
-            found = self.fs.find(base)
+            found: dict[str, dict[str, Any]] = self.fs.find(base, detail=True)
         except FileNotFoundError:
-            return
+            return {}
         strip = len(self.root) + 1
-        for path in found:
-            yield path[strip:] if path.startswith(self.root + "/") else path
+        return {(path[strip:] if path.startswith(self.root + "/") else path): info for path, info in found.items()}
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        yield from self._find(prefix)
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for key, info in self._find(prefix).items():
+            yield ObjectInfo(key, int(info.get("size") or 0), modified_time(info))
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -16,9 +16,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shardstore.errors import NotFoundError, StoreError
-from shardstore.store.base import Store, check_key
+from shardstore.store.base import ObjectInfo, Store, check_key
 
 _TMP_PREFIX = ".tmp-"
+_LOCK_SUFFIX = ".lock"
+
+
+def _lock_file(name: str) -> str:
+    return f".{name}{_LOCK_SUFFIX}"
+
+
+def _is_lock_file(name: str) -> bool:
+    return name.startswith(".") and name.endswith(_LOCK_SUFFIX)
 
 
 class LocalStore(Store):
@@ -76,15 +85,43 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise NotFoundError(f"{key}: not in store {self.url}") from None
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def modified(self, key: str) -> float | None:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            raise NotFoundError(f"{key}: not in store {self.url}") from None
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return
         for dirpath, _dirnames, filenames in os.walk(base):
             rel = Path(dirpath).relative_to(self.root)
             for name in filenames:
-                if not name.startswith(_TMP_PREFIX):
-                    yield (rel / name).as_posix()
+                # Temporary files of writes in flight (or of writers killed mid-write) and
+                # compare-and-set lock files are not objects.
+                if not (name.startswith(_TMP_PREFIX) or _is_lock_file(name)):
+                    yield (rel / name).as_posix(), Path(dirpath) / name
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        for key, _path in self._walk(prefix):
+            yield key
+
+    def list_info(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        for key, path in self._walk(prefix):
+            with contextlib.suppress(FileNotFoundError):
+                stat = path.stat()
+                yield ObjectInfo(key, stat.st_size, stat.st_mtime)
+
+    def stale_temporaries(self, older_than: float) -> Iterator[Path]:
+        """Temporary files of writes that never finished (a writer killed mid-write), older than a time."""
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.startswith(_TMP_PREFIX):
+                    path = Path(dirpath) / name
+                    with contextlib.suppress(FileNotFoundError):
+                        if path.stat().st_mtime < older_than:
+                            yield path
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -95,7 +132,7 @@ class LocalStore(Store):
         path.parent.mkdir(parents=True, exist_ok=True)
         # An exclusive flock on a sidecar file serialises writers of this key
         # across processes; the write itself stays atomic through put().
-        lock_path = path.parent / f".{path.name}.lock"
+        lock_path = path.parent / _lock_file(path.name)
         with lock_path.open("a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from shardstore.errors import NotFoundError, StoreError
 from shardstore.store.base import StoreCapabilities
-from shardstore.store.fsspec_store import FsspecStore
+from shardstore.store.fsspec_store import FsspecStore, modified_time
 
 T = TypeVar("T")
 
@@ -95,13 +95,14 @@ class S3Store(FsspecStore):
         return self._guard(key, "read from", lambda: bytes(self.fs.cat_file(path, start=start, end=end)))
 
     def size(self, key: str) -> int:
-        path = self._path(key)
-        return self._guard(key, "stat in", lambda: int(self.fs.info(path)["size"]))
+        return self._guard(key, "stat in", lambda: int(self._info(key)["size"]))
+
+    def modified(self, key: str) -> float | None:
+        return self._guard(key, "stat in", lambda: modified_time(self._info(key)))
 
     def exists(self, key: str) -> bool:
-        path = self._path(key)
         try:
-            self.fs.info(path)
+            self._info(key)
         except FileNotFoundError:
             if not self._bucket_checked:
                 if not self._bucket_exists():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from shardstore.errors import InvalidInputError, NotFoundError
 from shardstore.store import LocalStore, MemoryStore, Store, open_store
 from shardstore.store.fsspec_store import FsspecStore
+from shardstore.store.s3 import S3Store
 
 StoreFactory = Callable[[Path], Store]
 
@@ -143,3 +145,45 @@ def test_default_store_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_pat
     store = open_store()
     assert isinstance(store, LocalStore)
     assert store.root == tmp_path / "env-store"
+
+
+def test_modified_time_and_listing_with_info(store: Store) -> None:
+    before = time.time()
+    store.put("shards/ab/one", b"12345")
+    store.put("shards/cd/two", b"")
+    store.put("refs/m/v1", b"x")
+    # Object stores stamp with their own clock at one-second resolution: allow for both.
+    stamped = store.modified("shards/ab/one")
+    assert stamped is not None and before - 2 <= stamped <= time.time() + 2
+    infos = {i.key: i for i in store.list_info("shards")}
+    assert set(infos) == {"shards/ab/one", "shards/cd/two"}
+    assert (infos["shards/ab/one"].size, infos["shards/cd/two"].size) == (5, 0)
+    assert all(i.modified is not None and abs(i.modified - stamped) < 5 for i in infos.values())
+    with pytest.raises(NotFoundError):
+        store.modified("shards/ab/missing")
+
+
+def test_exists_never_trusts_a_listing_made_before_a_delete(store: Store) -> None:
+    # gc may run in another process: after it deletes, no cache in this one may still say "present",
+    # or a push would skip uploading an object its manifest then names.
+    store.put("shards/ee/gone", b"data")
+    assert list(store.list("shards")) == ["shards/ee/gone"]  # fills any listings cache
+    if isinstance(store, S3Store):  # behind s3fs's back, as another process would
+        store.fs.call_s3("delete_object", Bucket=store.bucket, Key=f"{store.root.split('/', 1)[1]}/shards/ee/gone")
+    else:
+        (store if isinstance(store, MemoryStore) else open_store(store.url)).delete("shards/ee/gone")
+    assert not store.exists("shards/ee/gone")
+    with pytest.raises(NotFoundError):
+        store.size("shards/ee/gone")
+
+
+def test_local_store_lists_no_lock_or_temporary_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    assert store.compare_and_set("refs/m/v1", None, b"a")
+    (tmp_path / "shards" / "aa").mkdir(parents=True)
+    (tmp_path / "shards" / "aa" / ".tmp-deadbeef").write_bytes(b"torn write of a killed writer")
+    assert list(store.list("")) == ["refs/m/v1"]
+    assert [i.key for i in store.list_info("")] == ["refs/m/v1"]
+    stale = list(store.stale_temporaries(time.time() + 1))
+    assert [p.name for p in stale] == [".tmp-deadbeef"]
+    assert list(store.stale_temporaries(time.time() - 3600)) == []
