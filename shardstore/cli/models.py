@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from shardstore.cli.common import Commands, add_common_options, emit, human_bytes, parse_size
+from shardstore.cli.common import (
+    Commands,
+    add_client_options,
+    add_common_options,
+    client_options,
+    emit,
+    human_bytes,
+    parse_size,
+)
 from shardstore.codecs import DEFAULT_CODEC_NAME, codec_names
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
 
@@ -13,8 +21,15 @@ from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
 def cmd_push(args: argparse.Namespace) -> None:
     from shardstore.api import push
 
+    policy = None
+    if args.lossy or args.policy or args.min_snr is not None or args.max_ratio is not None:
+        from shardstore.repo.policy import build_policy
+
+        policy = build_policy(args.lossy, args.policy, codec=args.codec, min_snr_db=args.min_snr,
+                              max_ratio=args.max_ratio)
     report = push(args.src, args.ref, store=args.store, codec=args.codec, chunk_bytes=args.chunk_size,
-                  threads=args.threads, progress=args.progress)
+                  threads=args.threads, progress=args.progress, policy=policy, base=args.base,
+                  **client_options(args))
     figures = report.to_json()
 
     def human() -> str:
@@ -24,16 +39,27 @@ def cmd_push(args: argparse.Namespace) -> None:
             f"{human_bytes(report.stored_bytes)} stored (ratio {figures['ratio']:.4f}, codec {report.codec})\n"
             f"  uploaded {human_bytes(report.uploaded_bytes)}: {report.shards_uploaded}/{report.shards_total} shards, "
             f"{report.blobs_uploaded} blobs, in {report.seconds:.2f} s"
-        )
+        ) + _lossy_summary(report.per_tensor)
 
     emit(args, figures, human)
+
+
+def _lossy_summary(per_tensor: dict[str, dict[str, Any]]) -> str:
+    """One line on the quantized tensors of a push, or nothing when every tensor is lossless."""
+    lossy = [t for t in per_tensor.values() if "quality" in t]
+    if not lossy:
+        return ""
+    snrs = [t["quality"]["snr_db"] for t in lossy if t["quality"]["snr_db"] is not None]
+    codecs = sorted({t["codec"].split("+")[0] for t in lossy})
+    worst = f", lowest SNR {min(snrs):.1f} dB" if snrs else ""
+    return f"\n  lossy: {len(lossy)} tensors ({', '.join(codecs)}){worst}; see inspect for each"
 
 
 def cmd_pull(args: argparse.Namespace) -> None:
     from shardstore.api import pull
 
     report = pull(args.ref, args.dest, store=args.store, only=args.only, threads=args.threads,
-                  progress=args.progress, cache=args.cache)
+                  progress=args.progress, cache=args.cache, **client_options(args))
 
     def human() -> str:
         return (
@@ -46,20 +72,36 @@ def cmd_pull(args: argparse.Namespace) -> None:
     emit(args, report.to_json(), human)
 
 
-def cmd_ls(args: argparse.Namespace) -> None:
+def _registry(args: argparse.Namespace, url: str | None) -> tuple[Any, str]:
+    """A repository, or a client when ``url`` is ``grpc[s]://``: something to list, resolve and read manifests from."""
+    from shardstore.rpc import is_grpc_url
+
+    if url is not None and is_grpc_url(url):
+        from shardstore.api import connect
+
+        return connect(url, **client_options(args)), url
     from shardstore.repo.repository import Repository
     from shardstore.store import open_store
 
     repo = Repository(open_store(args.store))
+    return repo, repo.store.url
+
+
+def cmd_ls(args: argparse.Namespace) -> None:
+    repo, url = _registry(args, args.store if isinstance(args.store, str) else None)
     models: list[dict[str, Any]] = []
-    for ref, manifest_id in repo.list_refs():
-        manifest = repo.get_manifest(manifest_id)
-        models.append({"ref": str(ref), "manifest_id": manifest_id, "raw_bytes": manifest.raw_bytes,
-                       "stored_bytes": manifest.stored_bytes, "tensors": len(manifest.tensors)})
+    try:
+        for ref, manifest_id in repo.list_refs():
+            manifest = repo.get_manifest(manifest_id)
+            models.append({"ref": str(ref), "manifest_id": manifest_id, "raw_bytes": manifest.raw_bytes,
+                           "stored_bytes": manifest.stored_bytes, "tensors": len(manifest.tensors)})
+    finally:
+        if hasattr(repo, "close"):
+            repo.close()
 
     def human() -> str:
         if not models:
-            return f"no models in {repo.store.url}"
+            return f"no models in {url}"
         width = max(len(m["ref"]) for m in models)
         lines = [f"{'REF':<{width}}  MANIFEST      TENSORS        RAW     STORED"]
         lines += [
@@ -69,27 +111,35 @@ def cmd_ls(args: argparse.Namespace) -> None:
         ]
         return "\n".join(lines)
 
-    emit(args, {"store": repo.store.url, "models": models}, human)
+    emit(args, {"store": url, "models": models}, human)
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from shardstore.repo.inspect import describe
-    from shardstore.repo.repository import Repository, resolve_ref_text
-    from shardstore.store import open_store
+    from shardstore.repo.repository import resolve_ref_text
+    from shardstore.rpc import is_grpc_url, split_grpc_url
 
-    repo = Repository(open_store(args.store))
-    ref, manifest_id, manifest = resolve_ref_text(repo, args.ref)
+    remote = is_grpc_url(args.ref)
+    repo, _url = _registry(args, args.ref if remote else args.store if isinstance(args.store, str) else None)
+    try:
+        ref_text = (split_grpc_url(args.ref)[1] or "latest") if remote else args.ref
+        ref, manifest_id, manifest = resolve_ref_text(repo, ref_text)
+    finally:
+        if hasattr(repo, "close"):
+            repo.close()
     info = describe(manifest, str(ref), manifest_id)
 
     def human() -> str:
         width = max((len(n) for n in info["tensors"]), default=4)
         lines = [f"{info['ref']}  manifest {manifest_id}",
-                 f"{'TENSOR':<{width}}  {'DTYPE':<7} {'SHAPE':<16} {'RAW':>10} {'STORED':>10} {'RATIO':>6}  SHARDS"]
+                 f"{'TENSOR':<{width}}  {'DTYPE':<7} {'SHAPE':<16} {'RAW':>10} {'STORED':>10} {'RATIO':>6}  "
+                 f"{'SNR dB':>6}  {'CODEC':<34} SHARDS"]
         for name, t in info["tensors"].items():
             shape = "x".join(map(str, t["shape"])) or "scalar"
             lines.append(
                 f"{name:<{width}}  {t['dtype']:<7} {shape:<16} {human_bytes(t['raw_bytes']):>10} "
-                f"{human_bytes(t['stored_bytes']):>10} {t['ratio']:>6.3f}  {len(t['shards'])}"
+                f"{human_bytes(t['stored_bytes']):>10} {t['ratio']:>6.3f}  {_snr_text(t):>6}  {t['codec']:<34} "
+                f"{len(t['shards'])}"
             )
         lines.append(
             f"total: {len(info['tensors'])} tensors, {human_bytes(info['raw_bytes'])} raw, "
@@ -101,15 +151,35 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     emit(args, info, human)
 
 
+def _snr_text(figures: dict[str, Any]) -> str:
+    """A tensor's SNR for the inspect table: '-' when lossless, 'exact' when nothing was lost."""
+    quality = figures.get("quality")
+    if quality is None:
+        return "-"
+    return "exact" if quality["snr_db"] is None else f"{quality['snr_db']:.1f}"
+
+
 def register(commands: Commands) -> None:
     p = commands.add_parser("push", help="push a .safetensors file or a model folder as NAME:TAG (or to grpc://HOST:PORT/NAME:TAG)")
     p.add_argument("src", metavar="SRC")
     p.add_argument("ref", metavar="NAME:TAG")
     p.add_argument("--codec", default=DEFAULT_CODEC_NAME, help=f"lossless codec: {', '.join(codec_names())}")
+    p.add_argument("--lossy", action="append", default=[], metavar="[PATTERN=]CODEC[:OPTS]",
+                   help="quantize matching tensors, e.g. '*.weight=int8', 'int4:group=128', 'auto' "
+                        "(repeatable, first match wins; norms, biases, 1-D and small tensors stay lossless)")
+    p.add_argument("--policy", metavar="FILE", default=None, help="per-tensor policy, JSON or YAML (docs/lossy.md)")
+    p.add_argument("--min-snr", type=float, default=None, metavar="DB",
+                   help="--lossy auto: the smallest codec with at least this SNR, per tensor")
+    p.add_argument("--max-ratio", type=float, default=None, metavar="R",
+                   help="--lossy auto: the best SNR floor that keeps stored / raw bytes <= R")
     p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_BYTES, metavar="SIZE",
                    help="target raw size of a piece / shard (default 4MiB)")
+    p.add_argument("--base", metavar="NAME:TAG", default=None,
+                   help="a stored model this one derives from (same store or server): store each piece as its "
+                        "XOR with the base's, or the base's own, where smaller; pulls then read the base's shards")
     p.add_argument("--threads", type=int, default=None, help="encoding threads (default: all cores)")
     add_common_options(p)
+    add_client_options(p)
     p.set_defaults(func=cmd_push)
 
     p = commands.add_parser("pull", help="write NAME:TAG (or grpc://HOST:PORT/NAME:TAG) into folder DEST")
@@ -120,13 +190,16 @@ def register(commands: Commands) -> None:
     p.add_argument("--cache", metavar="DIR", default=None,
                    help="shard cache for grpc:// pulls (default: $SHARDSTORE_CACHE, else ~/.cache/shardstore)")
     add_common_options(p)
+    add_client_options(p)
     p.set_defaults(func=cmd_pull)
 
     p = commands.add_parser("ls", help="list the models in a store")
     add_common_options(p)
+    add_client_options(p)
     p.set_defaults(func=cmd_ls)
 
     p = commands.add_parser("inspect", help="show the tensors, sizes and ratios of NAME:TAG")
     p.add_argument("ref", metavar="NAME:TAG")
     add_common_options(p)
+    add_client_options(p)
     p.set_defaults(func=cmd_inspect)

@@ -10,6 +10,11 @@ Layout (``docs/design.md`` has the prose)::
      "shards":  {SHARD_ID: size},
      "totals":  {"raw_bytes", "stored_bytes", "tensors", "shards", "files", "blob_bytes"}}
 
+A manifest pushed with ``--base`` also has, only then: ``"base_shards": [SHARD_ID...]``
+(shards it shares with the base, not counted in ``stored_bytes``; ``totals.base_bytes``
+sums them) and, on a piece stored as an XOR against the base's same piece,
+``"base": {"shard", "stream"[, "base": ...]}`` (``docs/sparse-delta.md``).
+
 ``files`` lists the safetensors files of the model in the order they were
 pushed, each with the blob id of its original header bytes, so a pull writes
 byte-identical files. ``blobs`` are the other files (config.json, tokenizer...).
@@ -26,9 +31,34 @@ from shardstore.errors import FormatError, IntegrityError
 from shardstore.format import canonical_json
 from shardstore.format.digest import HASH_NAME, digest, is_object_id
 from shardstore.format.dtypes import ITEMSIZE, nbytes
+from shardstore.format.safetensors_io import checked_nbytes
 
 MANIFEST_FORMAT = "shardstore.manifest.v1"
 MAX_MANIFEST_BYTES = 256 << 20
+# The optional per-tensor "quality" of a lossy tensor (``shardstore.repo.quality``); null = infinite.
+QUALITY_KEYS = ("max_abs_error", "rel_rmse", "snr_db")
+# A delta's base piece may itself be a delta (a fine-tune of a fine-tune); decoding one piece
+# touches at most this many further shards, so a chain cannot grow without bound.
+MAX_DELTA_DEPTH = 8
+
+
+@dataclass(frozen=True)
+class PieceBase:
+    """The base model's piece a delta piece is XORed with: its stream, and that piece's own base if any."""
+
+    shard: str
+    stream: str
+    base: PieceBase | None = None
+
+    @property
+    def depth(self) -> int:
+        return 1 + (self.base.depth if self.base is not None else 0)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"shard": self.shard, "stream": self.stream}
+        if self.base is not None:
+            doc["base"] = self.base.to_json()
+        return doc
 
 
 @dataclass(frozen=True)
@@ -37,6 +67,15 @@ class PieceRef:
     stream: str
     rows: tuple[int, int]
     stored_bytes: int
+    # Set when the stream holds the XOR with a base model's piece (``push --base``).
+    base: PieceBase | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"shard": self.shard, "stream": self.stream, "rows": list(self.rows),
+                               "stored_bytes": self.stored_bytes}
+        if self.base is not None:  # absent, not null, so manifests without deltas keep their bytes and ids
+            doc["base"] = self.base.to_json()
+        return doc
 
 
 @dataclass(frozen=True)
@@ -45,6 +84,8 @@ class TensorRecord:
     shape: tuple[int, ...]
     codec: tuple[dict[str, Any], ...]
     pieces: tuple[PieceRef, ...]
+    # A lossy pipeline's error against the original: rel_rmse, snr_db, max_abs_error (absent when lossless).
+    quality: dict[str, float | None] | None = None
 
     @property
     def raw_bytes(self) -> int:
@@ -88,6 +129,9 @@ class Manifest:
     blobs: dict[str, BlobRecord]
     shards: dict[str, int]
     base: str | None = None
+    # The shards of ``shards`` that the base model already stored: a delta manifest lists every
+    # shard it needs (so verify, gc and copies see them) but costs only the others.
+    base_shards: frozenset[str] = frozenset()
     _bytes: bytes = field(default=b"", compare=False, repr=False)
 
     @property
@@ -96,10 +140,10 @@ class Manifest:
 
     @property
     def stored_bytes(self) -> int:
-        return sum(self.shards.values())
+        return sum(size for shard, size in self.shards.items() if shard not in self.base_shards)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "hash": HASH_NAME,
             "base": self.base,
@@ -110,10 +154,8 @@ class Manifest:
                     "codec": list(t.codec),
                     "raw_bytes": t.raw_bytes,
                     "stored_bytes": t.stored_bytes,
-                    "pieces": [
-                        {"shard": p.shard, "stream": p.stream, "rows": list(p.rows), "stored_bytes": p.stored_bytes}
-                        for p in t.pieces
-                    ],
+                    "pieces": [p.to_json() for p in t.pieces],
+                    **({"quality": t.quality} if t.quality is not None else {}),
                 }
                 for name, t in self.tensors.items()
             },
@@ -132,6 +174,10 @@ class Manifest:
                 "files": len(self.files) + len(self.blobs),
             },
         }
+        if self.base_shards:  # absent when empty: manifests without a base keep their bytes and ids
+            doc["base_shards"] = sorted(self.base_shards)
+            doc["totals"]["base_bytes"] = sum(self.shards[shard] for shard in self.base_shards)
+        return doc
 
     def to_bytes(self) -> bytes:
         return self._bytes or canonical_json.dumps(self.to_json())
@@ -184,8 +230,7 @@ def _tensor(name: str, raw: Any, shard_sizes: dict[str, int], what: str) -> Tens
     if dtype not in ITEMSIZE:
         raise FormatError(f"{where}: unknown dtype {dtype!r}")
     shape = _req(raw, "shape", list, where)
-    if not all(type(d) is int and d >= 0 for d in shape):
-        raise FormatError(f"{where}: bad shape {shape!r}")
+    checked_nbytes(dtype, shape, where)  # no dimension or size past 2**62: what pull would allocate on disk
     codec = _req(raw, "codec", list, where)
     if not codec or not all(isinstance(c, dict) and isinstance(c.get("id"), str) for c in codec):
         raise FormatError(f"{where}: codec must be a non-empty list of configs")
@@ -205,14 +250,37 @@ def _tensor(name: str, raw: Any, shard_sizes: dict[str, int], what: str) -> Tens
             raise FormatError(f"{where}: pieces must tile the rows in order (at row {position})")
         if stored < 0 or stored > shard_sizes[shard]:
             raise FormatError(f"{where}: piece stored_bytes out of range")
+        base = _piece_base(raw_piece.get("base"), shard_sizes, where) if "base" in raw_piece else None
         position = span[1]
-        pieces.append(PieceRef(shard, stream, (span[0], span[1]), stored))
+        pieces.append(PieceRef(shard, stream, (span[0], span[1]), stored, base))
     if position != rows or (rows > 0 and not pieces):
         raise FormatError(f"{where}: pieces cover rows [0, {position}) of {rows}")
-    record = TensorRecord(dtype, tuple(shape), tuple(codec), tuple(pieces))
+    quality = _quality(raw["quality"], where) if "quality" in raw else None
+    record = TensorRecord(dtype, tuple(shape), tuple(codec), tuple(pieces), quality)
     if raw.get("raw_bytes") != record.raw_bytes or raw.get("stored_bytes") != record.stored_bytes:
         raise FormatError(f"{where}: raw_bytes / stored_bytes disagree with shape and pieces")
     return record
+
+
+def _quality(raw: Any, where: str) -> dict[str, float | None]:
+    if not isinstance(raw, dict) or set(raw) != set(QUALITY_KEYS):
+        raise FormatError(f"{where}: quality must be an object with {', '.join(QUALITY_KEYS)}")
+    if not all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in raw.values()):
+        raise FormatError(f"{where}: quality figures must be numbers or null")
+    return dict(raw)
+
+
+def _piece_base(raw: Any, shard_sizes: dict[str, int], where: str, depth: int = 1) -> PieceBase:
+    if depth > MAX_DELTA_DEPTH:
+        raise FormatError(f"{where}: delta chain deeper than {MAX_DELTA_DEPTH}")
+    if not isinstance(raw, dict) or not set(raw) <= {"shard", "stream", "base"}:
+        raise FormatError(f"{where}: piece base must be an object with shard, stream and optional base")
+    shard = _req(raw, "shard", str, where)
+    stream = _req(raw, "stream", str, where)
+    if not is_object_id(shard) or shard not in shard_sizes:
+        raise FormatError(f"{where}: piece base names unknown shard {shard!r}")
+    inner = _piece_base(raw["base"], shard_sizes, where, depth + 1) if "base" in raw else None
+    return PieceBase(shard, stream, inner)
 
 
 def parse_manifest(data: bytes, manifest_id: str | None = None) -> Manifest:
@@ -253,7 +321,13 @@ def parse_manifest(data: bytes, manifest_id: str | None = None) -> Manifest:
         raise FormatError(f"{what}: every tensor must belong to exactly one file")
     blobs: dict[str, BlobRecord] = {}
     for path, raw_blob in _req(doc, "blobs", dict, what).items():
-        if not (isinstance(raw_blob, dict) and is_object_id(raw_blob.get("id")) and type(raw_blob.get("size")) is int):
+        if not (isinstance(raw_blob, dict) and is_object_id(raw_blob.get("id")) and type(raw_blob.get("size")) is int
+                and raw_blob["size"] >= 0):
             raise FormatError(f"{what}: blob {path!r}: needs an id and a size")
         blobs[path] = BlobRecord(raw_blob["id"], raw_blob["size"])
-    return Manifest(tensors, tuple(files), blobs, dict(shards), base, bytes(data))
+    base_shards = doc.get("base_shards", [])
+    if not isinstance(base_shards, list) or not all(isinstance(s, str) and s in shards for s in base_shards):
+        raise FormatError(f"{what}: base_shards must list shards of the manifest")
+    if base_shards and base is None:
+        raise FormatError(f"{what}: base_shards without a base")
+    return Manifest(tensors, tuple(files), blobs, dict(shards), base, frozenset(base_shards), bytes(data))

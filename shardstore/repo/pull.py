@@ -20,10 +20,10 @@ from shardstore.errors import InvalidInputError, NotFoundError
 from shardstore.format import canonical_json
 from shardstore.format.manifest import FileRecord, Manifest
 from shardstore.format.safetensors_io import build_header
-from shardstore.format.shard import Shard, parse_shard
+from shardstore.format.shard import parse_shard
 from shardstore.progress import Progress
 from shardstore.repo.model_files import INDEX_SUFFIX
-from shardstore.repo.pieces import decode_piece
+from shardstore.repo.pieces import RecentShards, decode_piece
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import ModelSource
@@ -165,16 +165,14 @@ def _write_tensors(
 ) -> int:
     wanted = manifest.pieces_by_shard(names)
 
-    def lookup(shard_id: str) -> Shard:
-        ((_, data),) = source.fetch_shards([shard_id])
-        return parse_shard(data, shard_id, verify_id=False)  # the source verified the id
+    lookup = RecentShards(source)  # a delta's pieces mostly read the same few base shards
 
     def decode_and_write(item: tuple[str, bytes]) -> int:
         shard_id, data = item
         shard = parse_shard(data, shard_id, verify_id=False)  # the source verified the id
         written = 0
         for name, piece, start, _stop in wanted[shard_id]:
-            decoded = decode_piece(shard, piece, lookup=lookup)
+            decoded = decode_piece(shard, piece, manifest.tensors[name], lookup=lookup)
             os.pwrite(where[name].fd, decoded, where[name].offsets[name] + start)
             written += len(decoded)
         return written

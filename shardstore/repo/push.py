@@ -11,19 +11,25 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec, PieceInfo, Pipeline, codec_from_name
+from shardstore.codecs.sparse import prefer_sparse
 from shardstore.errors import InvalidInputError
 from shardstore.format.digest import digest
-from shardstore.format.manifest import BlobRecord, FileRecord, Manifest, PieceRef, TensorRecord
+from shardstore.format.manifest import BlobRecord, FileRecord, Manifest, PieceBase, PieceRef, TensorRecord
 from shardstore.format.shard import StreamHeader, build_shard
 from shardstore.progress import Progress
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES, PiecePlan, TensorSpec, plan_shards
+from shardstore.repo.delta import DeltaBase, EncodedPiece, encode_piece
+from shardstore.repo.inspect import tensor_figures
+from shardstore.repo.leases import push_lease
 from shardstore.repo.model_files import MappedFiles, ModelFiles, scan_model
+from shardstore.repo.policy import Policy
 from shardstore.repo.pool import default_threads, ordered_map
+from shardstore.repo.quality import ErrorStats, encode_stream
 from shardstore.repo.refs import Ref
 
 
@@ -52,6 +58,9 @@ class PushReport:
     shards_uploaded: int
     blobs_uploaded: int
     seconds: float
+    base: str | None = None  # the base ref of a push with --base
+    # name -> codec, raw/stored/new bytes, ratio (``shardstore.repo.inspect.tensor_figures``)
+    per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -61,30 +70,56 @@ class PushReport:
 
 @dataclass(frozen=True)
 class _EncodedShard:
-    shard_id: str
+    shard_id: str | None  # None when every piece of the plan is the base's, unchanged
     size: int
     uploaded: bool
-    pieces: list[tuple[PiecePlan, str, int]]  # plan, stream key, stored bytes
+    pieces: list[tuple[PiecePlan, PieceRef]]
     raw_bytes: int
+    errors: list[tuple[str, ErrorStats]] = field(default_factory=list)  # (tensor, error) of each lossy piece
 
 
 def _encode_shard(
-    plan: Sequence[PiecePlan], views: dict[str, memoryview], pipeline: Pipeline, target: PushTarget
+    plan: Sequence[PiecePlan], views: dict[str, memoryview], pipelines: dict[str, Pipeline], target: PushTarget,
+    base: DeltaBase | None = None,
 ) -> _EncodedShard:
     streams: list[tuple[StreamHeader, bytes]] = []
+    placed: list[tuple[PiecePlan, PieceRef | tuple[str, PieceBase | None]]] = []  # the base's piece, or our stream
     raw_total = 0
+    errors: list[tuple[str, ErrorStats]] = []
     for piece in plan:
         tensor = piece.tensor
         start = piece.rows[0] * tensor.row_bytes
         raw = views[tensor.name][start : start + piece.nbytes]
-        encoded = pipeline.encode(raw, PieceInfo(tensor.dtype, piece.shape))
-        streams.append((StreamHeader(tensor.dtype, piece.shape, tuple(pipeline.configs()), digest(raw)), encoded))
+        pipeline = pipelines[tensor.name]
+        encoded: EncodedPiece | PieceRef
+        if pipeline.lossless:
+            encoded = encode_piece(raw, PieceInfo(tensor.dtype, piece.shape), pipeline, base,
+                                   name=tensor.name, shape=tensor.shape, rows=piece.rows)
+        else:  # lossy: never a delta; the checksum covers what decodes (dequantized), and the error is kept
+            lossy = encode_stream(pipeline, raw, PieceInfo(tensor.dtype, piece.shape), tensor.name)
+            header = StreamHeader(tensor.dtype, piece.shape, tuple(pipeline.configs()), lossy.checksum)
+            encoded = EncodedPiece(header, lossy.data)
+            errors.append((tensor.name, lossy.error or ErrorStats()))
+        if isinstance(encoded, PieceRef):
+            placed.append((piece, encoded))
+        else:
+            placed.append((piece, (str(len(streams)), encoded.base)))
+            streams.append((encoded.header, encoded.payload))
         raw_total += piece.nbytes
-    data = build_shard(streams)
-    shard_id = digest(data)
-    uploaded = target.put_shard(shard_id, data)
-    pieces = [(p, str(i), len(s[1])) for i, (p, s) in enumerate(zip(plan, streams, strict=True))]
-    return _EncodedShard(shard_id, len(data), uploaded, pieces, raw_total)
+    shard_id, size, uploaded = None, 0, False
+    if streams:
+        data = build_shard(streams)
+        shard_id, size = digest(data), len(data)
+        uploaded = target.put_shard(shard_id, data)
+    pieces: list[tuple[PiecePlan, PieceRef]] = []
+    for piece, where in placed:
+        if isinstance(where, PieceRef):
+            pieces.append((piece, where))
+        else:
+            assert shard_id is not None
+            stream, piece_base = where
+            pieces.append((piece, PieceRef(shard_id, stream, piece.rows, len(streams[int(stream)][1]), piece_base)))
+    return _EncodedShard(shard_id, size, uploaded, pieces, raw_total, errors)
 
 
 def push_model(
@@ -96,41 +131,63 @@ def push_model(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     threads: int | None = None,
     progress: bool = False,
+    base: DeltaBase | None = None,
+    policy: Policy | None = None,
 ) -> PushReport:
+    """Push ``model`` as ``ref``; with ``base``, each piece is coded against the base model's same piece.
+
+    ``policy`` says which tensors are quantized and how (``shardstore.repo.policy``);
+    without one every tensor gets ``codec``.
+    """
     started = time.perf_counter()
     if isinstance(codec, str):
         codec = codec_from_name(codec)
-    pipeline = Pipeline((codec,))
     specs = [
         TensorSpec(entry.name, entry.dtype, entry.shape) for f in model.tensor_files for entry in f.header.tensors
     ]
     plans = plan_shards(specs, chunk_bytes)
+    policy = policy or Policy(lossless=codec)
+    policy.check_patterns(specs)  # a typo in a --lossy pattern fails before anything shows or is written
     raw_total = sum(p.nbytes for plan in plans for p in plan)
     pieces: dict[str, list[PieceRef]] = {spec.name: [] for spec in specs}
     shard_sizes: dict[str, int] = {}
     uploaded_bytes = shards_uploaded = 0
 
     with MappedFiles(model) as views, Progress(f"push {ref}", raw_total, progress) as bar:
-        encode = lambda plan: _encode_shard(plan, views, pipeline, target)  # noqa: E731
+        chosen = policy.resolve(plans, views, threads=threads, progress=progress)
+        # Tensors with many exact zeros (pruned, 2:4 sparse) go to the sparse coder.
+        pipelines = {s.name: prefer_sparse(chosen[s.name], views[s.name], s.dtype) for s in specs}
+        errors: dict[str, ErrorStats] = {}
+        encode = lambda plan: _encode_shard(plan, views, pipelines, target, base)  # noqa: E731
         # Uploads to an object store wait on round trips, so keep at least its request
         # concurrency in flight even where that exceeds the cores.
         workers = threads or max(default_threads(), getattr(target, "concurrency", 1))
         for shard in ordered_map(encode, plans, workers):
-            shard_sizes[shard.shard_id] = shard.size
+            if shard.shard_id is not None:
+                shard_sizes[shard.shard_id] = shard.size
             if shard.uploaded:
                 uploaded_bytes += shard.size
                 shards_uploaded += 1
-            for plan, stream, stored in shard.pieces:
-                pieces[plan.tensor.name].append(PieceRef(shard.shard_id, stream, plan.rows, stored))
+            for plan, piece_ref in shard.pieces:
+                pieces[plan.tensor.name].append(piece_ref)
+            for name, error in shard.errors:
+                errors[name] = errors.get(name, ErrorStats()) + error
             bar.update(shard.raw_bytes)
 
     files, blobs, blob_bytes, blobs_uploaded = _upload_files(model, target)
     uploaded_bytes += blob_bytes
     tensors = {
-        spec.name: TensorRecord(spec.dtype, spec.shape, tuple(pipeline.configs()), tuple(pieces[spec.name]))
+        spec.name: TensorRecord(spec.dtype, spec.shape, tuple(pipelines[spec.name].configs()),
+                                tuple(pieces[spec.name]),
+                                errors[spec.name].to_json() if spec.name in errors else None)
         for spec in specs
     }
-    manifest = Manifest(tensors, files, blobs, shard_sizes)
+    shards_total = len(shard_sizes)
+    if base is None:
+        manifest = Manifest(tensors, files, blobs, shard_sizes)
+    else:  # list the base's shards it reads too, so the manifest names everything it needs
+        all_shards, base_shards = base.shards_needed(shard_sizes, (p for ps in pieces.values() for p in ps))
+        manifest = Manifest(tensors, files, blobs, all_shards, base.manifest_id, base_shards)
     manifest_id, manifest_bytes = target.put_manifest(manifest)
     target.set_ref(ref, manifest_id)
     return PushReport(
@@ -141,10 +198,12 @@ def push_model(
         raw_bytes=manifest.raw_bytes,
         stored_bytes=manifest.stored_bytes,
         uploaded_bytes=uploaded_bytes + manifest_bytes,
-        shards_total=len(shard_sizes),
+        shards_total=shards_total,
         shards_uploaded=shards_uploaded,
         blobs_uploaded=blobs_uploaded,
         seconds=round(time.perf_counter() - started, 3),
+        base=str(base.ref) if base is not None else None,
+        per_tensor={name: tensor_figures(manifest, name) for name in tensors},
     )
 
 
@@ -186,6 +245,12 @@ def push(
     target: PushTarget,
     **options: Any,
 ) -> PushReport:
-    """Scan ``src`` (validating every header before anything is written), then push it."""
-    return push_model(scan_model(src), ref, target, **options)
+    """Scan ``src`` (validating every header before anything is written), then push it.
+
+    The push holds a lease from before its first upload until its ref is set, so that
+    gc never deletes an object it found already stored and skipped (DESIGN invariant 6).
+    """
+    model = scan_model(src)
+    with push_lease(target, f"push {ref}"):
+        return push_model(model, ref, target, **options)
 

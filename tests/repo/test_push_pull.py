@@ -138,3 +138,39 @@ def test_view_shard_cache_stays_within_its_bound(minilm_dir: Path, local_store: 
             cached = view._cache
             assert view._cache_bytes == sum(view.manifest.shards[s] for s in cached) <= limit
         assert len(view._cache) > 0
+
+
+def test_forged_shard_declaring_a_bigger_stream_is_refused(tmp_path: Path, local_store: LocalStore) -> None:
+    """A shard whose id is valid but whose stream is not the piece the manifest names is an error, not a write."""
+    import dataclasses
+
+    import numpy as np
+
+    from shardstore.codecs.raw import RawCodec
+    from shardstore.errors import IntegrityError
+    from shardstore.format.digest import digest
+    from shardstore.format.shard import StreamHeader, build_shard
+    from shardstore.repo.refs import parse_ref
+    from shardstore.repo.repository import Repository
+
+    save_file({"w": torch.zeros(4, 8)}, str(tmp_path / "m.safetensors"))
+    shardstore.push(tmp_path / "m.safetensors", "m:v1", store=local_store, codec="raw")
+    repo = Repository(local_store)
+    manifest = repo.get_manifest(repo.resolve(parse_ref("m:v1")))
+    record = manifest.tensors["w"]
+    # 64 rows where the manifest expects 4: a reader trusting the shard would write 16x past the tensor.
+    big = np.ones((64, 8), dtype=np.float32).tobytes()
+    header = StreamHeader("F32", (64, 8), (RawCodec().get_config(),), digest(big))
+    forged = build_shard([(header, big)])
+    forged_id = digest(forged)
+    repo.put_shard(forged_id, forged)
+    piece = dataclasses.replace(record.pieces[0], shard=forged_id, stored_bytes=len(big))
+    tensors = {"w": dataclasses.replace(record, pieces=(piece,))}
+    forged_manifest = dataclasses.replace(manifest, tensors=tensors, shards={forged_id: len(forged)}, _bytes=b"")
+    manifest_id, _ = repo.put_manifest(forged_manifest)
+    repo.set_ref(parse_ref("m:forged"), manifest_id)
+
+    with pytest.raises(IntegrityError, match=f"shard {forged_id}: stream 0 declares F32 \\[64, 8\\]"):
+        shardstore.pull("m:forged", tmp_path / "out", store=local_store)
+    with shardstore.open("m:forged", store=local_store) as view, pytest.raises(IntegrityError, match=forged_id):
+        view.get_tensor("w")
