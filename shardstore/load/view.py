@@ -10,48 +10,28 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from shardstore.codecs.quantize import QuantizedPiece
 from shardstore.errors import InvalidInputError, NotFoundError
-from shardstore.format.dtypes import numpy_storage_dtype
 from shardstore.format.manifest import Manifest, TensorRecord
 from shardstore.format.shard import Shard, parse_shard
+from shardstore.load.device_map import DeviceLike, DeviceMap
+from shardstore.load.loader import LoadOptions, LoadResult, load_model
+from shardstore.load.module import load_module
+from shardstore.load.quantized import quantized_tensor
+from shardstore.load.tensor_parallel import TPPlan
+from shardstore.load.tensors import as_tensor, torch_dtype
 from shardstore.repo.pieces import decode_piece
-from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.repository import ModelSource
 
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "C64": torch.complex64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E8M0": torch.float8_e8m0fnu,
-}
+__all__ = ["DEFAULT_SHARD_CACHE_BYTES", "ModelView", "TensorSlice", "torch_dtype"]
 
 DEFAULT_SHARD_CACHE_BYTES = 64 << 20
-
-
-def torch_dtype(dtype: str) -> torch.dtype:
-    try:
-        return _TORCH_DTYPES[dtype]
-    except KeyError:
-        raise InvalidInputError(f"dtype {dtype} has no torch equivalent") from None
 
 
 class ModelView:
@@ -101,30 +81,49 @@ class ModelView:
         record = self.record(name)
         return self._read_rows(name, record, 0, record.rows).reshape(record.shape).to(device)
 
+    def get_quantized(self, name: str) -> QuantizedPiece:
+        """A quantized tensor's codes and scales, not dequantized (``shardstore.codecs.quantize``)."""
+        record = self.record(name)
+        return quantized_tensor(name, record, self._shards(list(dict.fromkeys(p.shard for p in record.pieces))))
+
     def get_slice(self, name: str) -> TensorSlice:
         return TensorSlice(self, name, self.record(name))
 
-    def state_dict(self, device: str | torch.device = "cpu", threads: int | None = None) -> dict[str, torch.Tensor]:
-        """Every tensor, fetched in one pass: shards stream in while earlier ones decode in threads.
+    def state_dict(self, device: DeviceLike | None = None, threads: int | None = None, *,
+                   device_map: DeviceMap | str | None = None, max_memory: Mapping[DeviceLike, int] | None = None,
+                   tp_rank: int | None = None, tp_size: int | None = None,
+                   tp_plan: TPPlan | None = None) -> dict[str, torch.Tensor]:
+        """Every tensor (or this tensor-parallel rank's part of it), each decoded once onto its device.
 
-        Each shard is fetched once and decoded straight into its tensors'
-        buffers, so memory holds each tensor once plus the shards in flight.
+        ``device_map``: module prefix → device (accelerate's format), or ``"auto"`` /
+        ``"balanced"`` over ``max_memory`` (device → bytes). ``tp_plan``: name
+        pattern → split dim (0, 1) or None, first match wins (default ``{"*": 0}``).
+        Shards stream in while earlier ones decode in threads; memory holds
+        each tensor once plus the shards in flight (docs/loading.md).
         """
-        names = self.keys()
-        buffers = {name: np.empty(self.manifest.tensors[name].raw_bytes, dtype=np.uint8) for name in names}
-        wanted = self.manifest.pieces_by_shard(names)
+        options = LoadOptions(device, device_map, max_memory, tp_rank, tp_size, tp_plan)
+        tensors = self.load(options, threads=threads).tensors
+        return {name: tensors[name] for name in self.keys()}
 
-        def decode(item: tuple[str, bytes]) -> None:
-            shard_id, data = item
-            shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
-            for name, piece, start, stop in wanted[shard_id]:
-                decode_piece(shard, piece, memoryview(buffers[name].data)[start:stop], lookup=self._shard)
+    def load(self, options: LoadOptions, *, names: Sequence[str] | None = None, threads: int | None = None,
+             progress: Callable[[int], None] | None = None) -> LoadResult:
+        """:meth:`state_dict` with its figures (bytes per device, seconds, bytes fetched, the device map)."""
+        return load_model(self.source, self.manifest, self._shard, options, names=names, threads=threads,
+                          progress=progress)
 
-        for _ in ordered_map(decode, self.source.fetch_shards(wanted), threads or default_threads()):
-            pass
-        records = self.manifest.tensors
-        return {name: self._as_tensor(buffers[name], records[name].dtype).reshape(records[name].shape).to(device)
-                for name in names}
+    def load_into(self, module: torch.nn.Module, *, device: DeviceLike | None = None,
+                  device_map: DeviceMap | str | None = None, max_memory: Mapping[DeviceLike, int] | None = None,
+                  tp_rank: int | None = None, tp_size: int | None = None, tp_plan: TPPlan | None = None,
+                  strict: bool = True, threads: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> LoadResult:
+        """Make the model's tensors the module's, as ``module.load_state_dict(sd, assign=True)`` would.
+
+        Works on a module built on the meta device. Without ``device`` or
+        ``device_map`` each tensor goes where the module's tensor is now.
+        """
+        options = LoadOptions(device, device_map, max_memory, tp_rank, tp_size, tp_plan)
+        return load_module(self.source, self.manifest, self._shard, self.ref, module, options, strict=strict,
+                           threads=threads, progress=progress)
 
     # -- internals ---------------------------------------------------------------
 
@@ -165,17 +164,12 @@ class ModelView:
             lo, hi = max(start, piece.rows[0]), min(stop, piece.rows[1])
             target = memoryview(out.data)[(lo - start) * record.row_bytes : (hi - start) * record.row_bytes]
             if (lo, hi) == piece.rows:
-                decode_piece(shards[piece.shard], piece, target, lookup=self._shard)  # straight into place
+                decode_piece(shards[piece.shard], piece, record, target, lookup=self._shard)  # straight into place
             else:
-                decoded = decode_piece(shards[piece.shard], piece, lookup=self._shard)
+                decoded = decode_piece(shards[piece.shard], piece, record, lookup=self._shard)
                 skip = (lo - piece.rows[0]) * record.row_bytes
                 target[:] = memoryview(decoded)[skip : skip + len(target)]
-        return self._as_tensor(out, record.dtype)
-
-    @staticmethod
-    def _as_tensor(flat: np.ndarray[Any, Any], dtype: str) -> torch.Tensor:
-        """A flat tensor of ``dtype`` over the bytes of ``flat`` (no copy)."""
-        return torch.from_numpy(flat.view(numpy_storage_dtype(dtype))).view(torch_dtype(dtype))
+        return as_tensor(out, record.dtype)
 
     def close(self) -> None:
         with self._lock:
