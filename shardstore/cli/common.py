@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shardstore.store import STORE_ENV
+
+# grpc's C core logs TLS handshake failures and the like on stderr at INFO; the CLI already says
+# what failed in its one line, so keep the core to real errors unless the user asks for more.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -74,3 +79,23 @@ def add_common_options(parser: argparse.ArgumentParser, store: bool = True) -> N
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")
 
 
+def add_client_options(parser: argparse.ArgumentParser) -> None:
+    """Credentials for grpc:// and grpcs:// servers (ignored for stores)."""
+    parser.add_argument("--token", default=None,
+                        help="bearer token for a server that requires one (default: $SHARDSTORE_TOKEN)")
+    parser.add_argument("--tls-ca", metavar="FILE", default=None,
+                        help="connect with TLS, trusting this PEM CA (grpcs:// alone trusts the system's roots)")
+    parser.add_argument("--tls-cert", metavar="FILE", default=None, help="mutual TLS: this PEM client certificate")
+    parser.add_argument("--tls-key", metavar="FILE", default=None, help="mutual TLS: the PEM key of --tls-cert")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="give up on a server that sends no answer or no stream data for this long (default 60)")
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``token``, ``tls`` and ``timeout`` for :mod:`shardstore.api` from :func:`add_client_options`' flags."""
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        from shardstore.rpc.tls import ClientTls
+
+        tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key)
+    return {"token": args.token, "tls": tls, "timeout": args.timeout}

@@ -9,21 +9,26 @@ from __future__ import annotations
 from shardstore.errors import InvalidInputError
 
 GRPC_SCHEME = "grpc://"
+GRPCS_SCHEME = "grpcs://"  # the same over TLS
 
 
 def is_grpc_url(text: object) -> bool:
-    return isinstance(text, str) and text.startswith(GRPC_SCHEME)
+    return isinstance(text, str) and text.startswith((GRPC_SCHEME, GRPCS_SCHEME))
+
+
+def is_tls_url(text: object) -> bool:
+    return isinstance(text, str) and text.startswith(GRPCS_SCHEME)
 
 
 def split_grpc_url(text: str) -> tuple[str, str | None]:
-    """``grpc://host:port/name:tag`` → (``host:port``, ``name:tag``); the ref part is None when absent.
+    """``grpc[s]://host:port/name:tag`` → (``host:port``, ``name:tag``); the ref part is None when absent.
 
     The model name may itself hold ``/`` (``grpc://h:1/org/model:v1``): everything
     after the first ``/`` following the address is the ref.
     """
     if not is_grpc_url(text):
-        raise InvalidInputError(f"not a grpc URL: {text!r} (expected grpc://HOST:PORT/NAME:TAG)")
-    rest = text[len(GRPC_SCHEME) :]
+        raise InvalidInputError(f"not a grpc URL: {text!r} (expected grpc[s]://HOST:PORT/NAME:TAG)")
+    rest = text.partition("://")[2]
     address, _sep, ref = rest.partition("/")
     host, colon, port = address.rpartition(":")
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:

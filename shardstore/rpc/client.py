@@ -15,10 +15,19 @@ Reads:
 
 Writes ask the server which objects it lacks (FindMissing) and upload only
 those; the server verifies each before committing it.
+
+Nothing waits forever: unary calls have a deadline (``timeout``); a stream is
+cancelled when no message moves for ``idle_timeout`` seconds (a whole-stream
+deadline would have to grow with the model); keepalive pings find a peer that
+vanished without closing the connection. A bearer ``token`` (default
+``$SHARDSTORE_TOKEN``) goes with every call; ``tls`` (or a ``grpcs://`` URL)
+selects TLS, with a client certificate for mutual TLS.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import queue
 import random
 import threading
@@ -28,19 +37,28 @@ from typing import Any, TypeVar
 
 import grpc
 
-from shardstore.errors import IntegrityError, StoreError
+from shardstore.errors import IntegrityError, InvalidInputError, StoreError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.repo.refs import Ref, parse_ref
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
+from shardstore.rpc.auth import AUTHORIZATION_KEY, BEARER, CLIENT_TOKEN_ENV
 from shardstore.rpc.server import _MESSAGE_LIMIT, CHUNK_BYTES
 from shardstore.rpc.status import RETRYABLE_CODES, error_from_rpc
+from shardstore.rpc.tls import ClientTls
 from shardstore.store.cache import ShardCache
 
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 60.0
+# A stream that moves no message for this long is cancelled (and resumed, within the retry budget).
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+# Ping after 30 s without traffic, give up on the connection when a ping goes unanswered for 10 s.
+DEFAULT_KEEPALIVE_S = 30.0
+KEEPALIVE_TIMEOUT_S = 10.0
+# Sending a token in plaintext to another host hands it to anyone on the path; refused unless this is "1".
+ALLOW_PLAINTEXT_TOKEN_ENV = "SHARDSTORE_ALLOW_PLAINTEXT_TOKEN"
 DEFAULT_RETRIES = 5
 DEFAULT_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
@@ -49,6 +67,55 @@ MAX_BACKOFF_S = 5.0
 DEFAULT_PREFETCH_SHARDS = 4
 
 _DONE = object()
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _IdleWatchdog:
+    """Cancels a call when no message has moved for ``idle_s`` seconds (None: never). A context manager."""
+
+    def __init__(self, idle_s: float | None) -> None:
+        self._call: Any = None
+        self._idle_s = idle_s
+        self._last = time.monotonic()
+        self._closed = threading.Event()
+        self.fired = False
+
+    def watch(self, call: Any) -> _IdleWatchdog:
+        """Start watching ``call`` (anything with ``cancel()``)."""
+        self._call = call
+        self._last = time.monotonic()
+        if self._idle_s is not None:
+            threading.Thread(target=self._watch, name="shardstore-watchdog", daemon=True).start()
+        return self
+
+    def tick(self) -> None:
+        self._last = time.monotonic()
+
+    def _watch(self) -> None:
+        assert self._idle_s is not None
+        while not self._closed.wait(max(0.01, self._last + self._idle_s - time.monotonic())):
+            if time.monotonic() - self._last >= self._idle_s:
+                self.fired = True
+                self._call.cancel()
+                return
+
+    def __enter__(self) -> _IdleWatchdog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closed.set()
+
+    def stalled(self, where: str) -> StoreError:
+        return StoreError(f"{where}: no data for {self._idle_s:g} s (server too slow or silent); gave up")
 
 
 class GrpcClient:
@@ -65,6 +132,10 @@ class GrpcClient:
         retries: int = DEFAULT_RETRIES,
         backoff: float = DEFAULT_BACKOFF_S,
         prefetch_shards: int = DEFAULT_PREFETCH_SHARDS,
+        token: str | None = None,
+        tls: ClientTls | None = None,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_S,
+        keepalive: float = DEFAULT_KEEPALIVE_S,
     ) -> None:
         self.address = address
         self.cache = (cache or ShardCache()) if use_cache else None
@@ -73,10 +144,23 @@ class GrpcClient:
         self.retries = retries
         self.backoff = backoff
         self.prefetch_shards = max(1, prefetch_shards)
-        self._channel = grpc.insecure_channel(address, options=[
+        self.idle_timeout = idle_timeout
+        self.tls = tls
+        token = token if token is not None else os.environ.get(CLIENT_TOKEN_ENV) or None
+        if token is not None and tls is None and not _is_loopback(address) \
+                and os.environ.get(ALLOW_PLAINTEXT_TOKEN_ENV) != "1":
+            raise InvalidInputError(f"refusing to send a token in plaintext to {address}: use grpcs:// or --tls-ca "
+                                    f"(or set {ALLOW_PLAINTEXT_TOKEN_ENV}=1 behind a TLS-terminating proxy)")
+        self._metadata: tuple[tuple[str, str], ...] = ((AUTHORIZATION_KEY, f"{BEARER}{token}"),) if token else ()
+        options = [
             ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
             ("grpc.max_send_message_length", _MESSAGE_LIMIT),
-        ])
+            ("grpc.keepalive_time_ms", int(keepalive * 1000)),
+            ("grpc.keepalive_timeout_ms", int(min(keepalive, KEEPALIVE_TIMEOUT_S) * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        self._channel = (grpc.secure_channel(address, tls.credentials(), options=options) if tls is not None
+                         else grpc.insecure_channel(address, options=options))
         self._stub = pb_grpc.RegistryStub(self._channel)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
         self._received = 0
@@ -111,7 +195,24 @@ class GrpcClient:
                     self._sleep_before_retry(attempt)
                     attempt += 1
                     continue
-                raise error_from_rpc(exc, f"{what} at {self.address}") from None
+                raise error_from_rpc(exc, f"{what} at {self.address}", self._hint(exc)) from None
+
+    @property
+    def _unary_options(self) -> dict[str, Any]:
+        return {"timeout": self.timeout, "metadata": self._metadata}
+
+    def _hint(self, exc: grpc.RpcError) -> str:
+        """What the user may have got wrong when a connection fails: the commonest TLS mix-ups."""
+        if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+            return ""
+        details = exc.details() or ""
+        if self.tls is None:
+            return "if the server uses TLS, connect with grpcs:// or --tls-ca"
+        if "WRONG_VERSION_NUMBER" in details:
+            return "the server does not speak TLS: connect with grpc://"
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return "the server's certificate is not signed by a CA this client trusts: pass that CA with --tls-ca"
+        return "with TLS: check --tls-ca, and --tls-cert/--tls-key if the server requires a client certificate"
 
     def close(self) -> None:
         self._channel.close()
@@ -129,7 +230,7 @@ class GrpcClient:
 
     def resolve(self, ref: Ref) -> str:
         def call() -> str:
-            response = self._stub.ResolveRef(pb.ResolveRefRequest(name=ref.name, tag=ref.tag), timeout=self.timeout)
+            response = self._stub.ResolveRef(pb.ResolveRefRequest(name=ref.name, tag=ref.tag), **self._unary_options)
             self._count(response.ByteSize())
             return str(response.manifest_id)
 
@@ -139,7 +240,7 @@ class GrpcClient:
         check_object_id(manifest_id, "manifest id")
 
         def call() -> bytes:
-            response = self._stub.GetManifest(pb.GetManifestRequest(manifest_id=manifest_id), timeout=self.timeout)
+            response = self._stub.GetManifest(pb.GetManifestRequest(manifest_id=manifest_id), **self._unary_options)
             self._count(response.ByteSize())
             return bytes(response.manifest)
 
@@ -151,7 +252,8 @@ class GrpcClient:
 
         def call() -> bytes:
             parts: list[bytes] = []
-            for chunk in self._stub.GetBlob(pb.GetBlobRequest(blob_id=blob_id), timeout=self.timeout):
+            request = pb.GetBlobRequest(blob_id=blob_id)
+            for chunk in self._stub.GetBlob(request, **self._unary_options):
                 self._count(chunk.ByteSize())
                 parts.append(chunk.data)
             return b"".join(parts)
@@ -223,12 +325,15 @@ class GrpcClient:
         remaining = list(shard_ids)
         attempt = 0
         while remaining and not stop.is_set():
-            stream = self._stub.StreamShards(pb.StreamShardsRequest(shard_ids=remaining), timeout=self.stream_timeout)
+            stream = self._stub.StreamShards(pb.StreamShardsRequest(shard_ids=remaining), timeout=self.stream_timeout,
+                                             metadata=self._metadata)
             calls[:] = [stream]
             parts: list[bytes] = []
             filled = 0
+            watchdog = _IdleWatchdog(self.idle_timeout).watch(stream)
             try:
                 for chunk in stream:
+                    watchdog.tick()
                     self._count(chunk.ByteSize())
                     expected = remaining[0] if remaining else None
                     if chunk.id != expected or chunk.offset != filled:
@@ -255,11 +360,16 @@ class GrpcClient:
             except grpc.RpcError as exc:
                 if stop.is_set():
                     return
-                if exc.code() in RETRYABLE_CODES and attempt < self.retries:
+                # A stalled stream is resumed like a broken one: the next try may reach a live server.
+                if (watchdog.fired or exc.code() in RETRYABLE_CODES) and attempt < self.retries:
                     self._sleep_before_retry(attempt)
                     attempt += 1
                     continue  # resume from the first shard not yet verified
-                raise error_from_rpc(exc, f"stream shards at {self.address}") from None
+                if watchdog.fired:
+                    raise watchdog.stalled(f"stream shards at {self.address}") from None
+                raise error_from_rpc(exc, f"stream shards at {self.address}", self._hint(exc)) from None
+            finally:
+                watchdog.__exit__()
 
     # -- PushTarget ----------------------------------------------------------------
 
@@ -267,7 +377,7 @@ class GrpcClient:
         request = pb.FindMissingRequest(shard_ids=list(shard_ids), blob_ids=list(blob_ids))
 
         def call() -> tuple[list[str], list[str]]:
-            response = self._stub.FindMissing(request, timeout=self.timeout)
+            response = self._stub.FindMissing(request, **self._unary_options)
             self._count(response.ByteSize())
             return list(response.missing_shard_ids), list(response.missing_blob_ids)
 
@@ -280,13 +390,23 @@ class GrpcClient:
         view = memoryview(data).cast("B")
         total = len(view)
 
-        def chunks() -> Iterator[pb.UploadChunk]:
+        def chunks(watchdog: _IdleWatchdog) -> Iterator[pb.UploadChunk]:
             for start in range(0, max(total, 1), CHUNK_BYTES):
+                watchdog.tick()  # grpc asks for the next chunk only once the last one is on its way
                 yield pb.UploadChunk(kind=kind, id=object_id, offset=start, total_size=total,
                                      data=bytes(view[start : start + CHUNK_BYTES]))
 
         def call() -> None:
-            response = self._stub.UploadObjects(chunks(), timeout=self.stream_timeout)
+            watchdog = _IdleWatchdog(self.idle_timeout)
+            future = self._stub.UploadObjects.future(chunks(watchdog), timeout=self.stream_timeout,
+                                                     metadata=self._metadata)
+            with watchdog.watch(future):
+                try:
+                    response = future.result()
+                except grpc.RpcError:
+                    if watchdog.fired:
+                        raise watchdog.stalled(f"upload {object_id} to {self.address}") from None
+                    raise
             self._count(response.ByteSize())
 
         self._retrying(f"upload {object_id}", call)
@@ -309,7 +429,7 @@ class GrpcClient:
         data = manifest.to_bytes()
 
         def call() -> tuple[str, int]:
-            response = self._stub.PutManifest(pb.PutManifestRequest(manifest=data), timeout=self.timeout)
+            response = self._stub.PutManifest(pb.PutManifestRequest(manifest=data), **self._unary_options)
             self._count(response.ByteSize())
             return str(response.manifest_id), len(data) if response.written else 0
 
@@ -330,7 +450,7 @@ class GrpcClient:
             request.expected_manifest_id = expected
 
         def call() -> str:
-            response = self._stub.SetRef(request, timeout=self.timeout)
+            response = self._stub.SetRef(request, **self._unary_options)
             self._count(response.ByteSize())
             return str(response.previous_manifest_id)
 
@@ -338,7 +458,7 @@ class GrpcClient:
 
     def list_refs(self, name_prefix: str = "") -> list[tuple[Ref, str]]:
         def call() -> list[tuple[Ref, str]]:
-            response = self._stub.ListRefs(pb.ListRefsRequest(name_prefix=name_prefix), timeout=self.timeout)
+            response = self._stub.ListRefs(pb.ListRefsRequest(name_prefix=name_prefix), **self._unary_options)
             self._count(response.ByteSize())
             return [(parse_ref(f"{e.name}:{e.tag}"), str(e.manifest_id)) for e in response.refs]
 

@@ -20,11 +20,15 @@ from shardstore.errors import (
     ShardstoreError,
     StoreError,
 )
+from shardstore.rpc.auth import AuthenticationError, PermissionDeniedError
 
 ERROR_METADATA_KEY = "shardstore-error"
 
 # Most specific first: the first class an exception is an instance of wins.
 _TO_CODE: tuple[tuple[type[ShardstoreError], grpc.StatusCode], ...] = (
+    # Access control: no or unknown token vs a known token without the right (docs/security.md).
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (FormatError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -47,6 +51,8 @@ _FROM_CODE: dict[grpc.StatusCode, type[ShardstoreError]] = {
     grpc.StatusCode.DATA_LOSS: IntegrityError,
     grpc.StatusCode.ABORTED: ConflictError,
     grpc.StatusCode.ALREADY_EXISTS: ConflictError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 # Codes a client may retry: the request never reached a handler, or the server
@@ -68,8 +74,11 @@ def error_metadata(exc: ShardstoreError) -> tuple[tuple[str, str], ...]:
     return ()
 
 
-def error_from_rpc(exc: grpc.RpcError, where: str) -> ShardstoreError:
-    """The shardstore error a failed call stands for, its message prefixed with ``where`` only for transport faults."""
+def error_from_rpc(exc: grpc.RpcError, where: str, hint: str = "") -> ShardstoreError:
+    """The shardstore error a failed call stands for.
+
+    Only transport faults get ``where`` in front and ``hint`` (what the user may have got wrong) behind.
+    """
     code: grpc.StatusCode = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details: str = (exc.details() if hasattr(exc, "details") else None) or str(code)
     named: str | None = None
@@ -82,4 +91,6 @@ def error_from_rpc(exc: grpc.RpcError, where: str) -> ShardstoreError:
         return cls(details)
     # Transport-level trouble (UNAVAILABLE after retries, DEADLINE_EXCEEDED,
     # CANCELLED, INTERNAL...): a StoreError, the error a failing store raises.
-    return StoreError(f"{where}: {code.name.lower()}: {details}")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = "no answer within the deadline (server too slow, silent, or not a gRPC server)"
+    return StoreError(f"{where}: {code.name.lower()}: {details}{f' ({hint})' if hint else ''}")

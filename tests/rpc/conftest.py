@@ -13,14 +13,6 @@ from shardstore.rpc.server import BackgroundServer
 from shardstore.store import LocalStore
 
 
-@pytest.fixture(autouse=True)
-def shard_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Every test gets its own, empty client cache: never ~/.cache, never shared between tests."""
-    cache = tmp_path / "client-cache"
-    monkeypatch.setenv("SHARDSTORE_CACHE", str(cache))
-    return cache
-
-
 @pytest.fixture(scope="session")
 def minilm_served(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """One server for the session, holding the real MiniLM pushed over gRPC once as ``minilm:v1``."""

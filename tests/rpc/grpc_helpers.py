@@ -35,3 +35,13 @@ def write_small_model(folder: Path, seed: int = 0) -> Path:
 
 
 SMALL_CHUNK = 64 << 10
+
+
+def push_small_model(root: Path) -> tuple[LocalStore, Path]:
+    """A store under ``root`` holding :func:`write_small_model` as ``small:v1`` in several shards, and the model."""
+    import shardstore
+
+    model = write_small_model(root / "small")
+    store = LocalStore(root / "store")
+    shardstore.push(model, "small:v1", store=store, chunk_bytes=SMALL_CHUNK)
+    return store, model

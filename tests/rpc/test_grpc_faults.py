@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import shardstore
-from rpc.grpc_helpers import SMALL_CHUNK, write_small_model
+from rpc.grpc_helpers import push_small_model
 from shardstore.cli import main
 from shardstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, StoreError
 from shardstore.format.digest import digest
@@ -35,10 +35,7 @@ from shardstore.store.cache import ShardCache
 @pytest.fixture
 def small_store(tmp_path: Path) -> tuple[LocalStore, Path]:
     """A store holding a small model ``small:v1`` in several shards (pushed locally), and the model's folder."""
-    model = write_small_model(tmp_path / "small")
-    store = LocalStore(tmp_path / "store")
-    shardstore.push(model, "small:v1", store=store, chunk_bytes=SMALL_CHUNK)
-    return store, model
+    return push_small_model(tmp_path)
 
 
 @pytest.fixture

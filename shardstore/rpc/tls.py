@@ -1,0 +1,63 @@
+"""TLS and mutual TLS for server and client, from PEM files.
+
+The server presents ``cert``/``key``; with ``client_ca`` it also demands a
+client certificate signed by that CA (mutual TLS) and refuses the handshake
+otherwise. A TLS server has no plaintext port at all, so a plaintext client
+never gets as far as an RPC. The client trusts ``ca`` (default: the system
+roots) and, for mutual TLS, presents its own ``cert``/``key``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from shardstore.errors import InvalidInputError
+
+PathLike = str | os.PathLike[str]
+
+
+def read_pem(path: PathLike, what: str) -> bytes:
+    """The bytes of a PEM file, or a one-line error naming it (grpc itself would fail late and obscurely)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"{what} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise InvalidInputError(f"{what} {path}: not a PEM file")
+    return data
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    cert: PathLike
+    key: PathLike
+    client_ca: PathLike | None = None  # given: mutual TLS, a client certificate signed by it is required
+
+    def credentials(self) -> grpc.ServerCredentials:
+        pair = (read_pem(self.key, "TLS key"), read_pem(self.cert, "TLS certificate"))
+        client_ca = read_pem(self.client_ca, "TLS client CA") if self.client_ca is not None else None
+        return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                           require_client_auth=client_ca is not None)
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    ca: PathLike | None = None  # None: the system's trusted roots
+    cert: PathLike | None = None  # with key: the client certificate for mutual TLS
+    key: PathLike | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise InvalidInputError("a TLS client certificate needs its key, and a key its certificate "
+                                    "(--tls-cert and --tls-key go together)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=read_pem(self.ca, "TLS CA") if self.ca is not None else None,
+            private_key=read_pem(self.key, "TLS key") if self.key is not None else None,
+            certificate_chain=read_pem(self.cert, "TLS certificate") if self.cert is not None else None,
+        )
