@@ -1,6 +1,7 @@
 """The Python API, as small as safetensors': push, pull, open.
 
-Each takes a ref ``name:tag`` in a store, or ``grpc://host:port/name:tag`` on a server.
+Each takes a ref ``name:tag`` in a store, or ``grpc://host:port/name:tag`` on a server
+(``grpcs://`` for TLS; ``token=`` and ``tls=`` when the server asks for them).
 """
 
 from __future__ import annotations
@@ -11,18 +12,23 @@ from typing import TYPE_CHECKING, Any
 
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
+from shardstore.repo.policy import Policy
 from shardstore.repo.pull import PullReport
 from shardstore.repo.pull import pull as _pull
 from shardstore.repo.push import PushReport
 from shardstore.repo.push import push as _push
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
-from shardstore.rpc import is_grpc_url, split_grpc_url
+from shardstore.rpc import is_grpc_url, is_tls_url, split_grpc_url
 from shardstore.store import Store, open_store
 
 if TYPE_CHECKING:  # torch and grpc are imported only when needed, keeping the CLI quick
+    import torch
+
+    from shardstore.load.loader import LoadResult
     from shardstore.load.view import ModelView
     from shardstore.rpc.client import GrpcClient
+    from shardstore.rpc.tls import ClientTls
 
 
 def _repository(store: str | Store | None) -> Repository:
@@ -39,11 +45,30 @@ def _grpc_target(ref: str, store: str | Store | None) -> tuple[str, str] | None:
     return None
 
 
-def _grpc_client(address: str, cache: str | os.PathLike[str] | None, use_cache: bool = True) -> GrpcClient:
+def _grpc_client(address: str, cache: str | os.PathLike[str] | None, use_cache: bool = True, *,
+                 token: str | None = None, tls: ClientTls | None = None, secure: bool = False,
+                 timeout: float | None = None) -> GrpcClient:
+    """A client for ``address``; ``secure`` (a ``grpcs://`` URL) means TLS, with the system's roots unless ``tls``.
+
+    ``timeout``: how long any call waits for the server's answer or a stream for its next message.
+    """
     from shardstore.rpc.client import GrpcClient
+    from shardstore.rpc.tls import ClientTls
     from shardstore.store.cache import ShardCache
 
-    return GrpcClient(address, cache=ShardCache(cache) if cache is not None else None, use_cache=use_cache)
+    if tls is None and secure:
+        tls = ClientTls()
+    client = GrpcClient(address, cache=ShardCache(cache) if cache is not None else None, use_cache=use_cache,
+                        token=token, tls=tls)
+    if timeout is not None:
+        client.timeout = client.idle_timeout = timeout
+    return client
+
+
+def connect(url: str, *, token: str | None = None, tls: ClientTls | None = None,
+            cache: str | os.PathLike[str] | None = None, timeout: float | None = None) -> GrpcClient:
+    """A client for the server of ``grpc[s]://host:port[/name:tag]`` (a context manager: close it)."""
+    return _grpc_client(split_grpc_url(url)[0], cache, token=token, tls=tls, secure=is_tls_url(url), timeout=timeout)
 
 
 def push(
@@ -55,15 +80,34 @@ def push(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     threads: int | None = None,
     progress: bool = False,
+    token: str | None = None,
+    tls: ClientTls | None = None,
+    timeout: float | None = None,
+    base: str | None = None,
+    policy: Policy | None = None,
 ) -> PushReport:
-    """Push a ``.safetensors`` file or a model folder to ``store`` (default: the local store) as ``ref``."""
+    """Push a ``.safetensors`` file or a model folder to ``store`` (default: the local store) as ``ref``.
+
+    ``base`` (``name:tag`` in the same store or on the same server) codes each tensor as
+    the XOR with the base model's same tensor where that is smaller; pulls then read the
+    base's shards too.
+
+    ``policy`` (``shardstore.repo.policy.build_policy``) quantizes tensors by name pattern
+    or to an error budget; without one every tensor is stored with ``codec``, losslessly.
+    """
+    from shardstore.repo.delta import DeltaBase
+
     remote = _grpc_target(ref, store)
     if remote is not None:
-        with _grpc_client(remote[0], None, use_cache=False) as client:
+        with _grpc_client(remote[0], None, use_cache=False, token=token, tls=tls,
+                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout) as client:
             return _push(src, parse_ref(remote[1]), client, codec=codec, chunk_bytes=chunk_bytes, threads=threads,
-                         progress=progress)
-    return _push(src, parse_ref(ref), _repository(store), codec=codec, chunk_bytes=chunk_bytes,
-                 threads=threads, progress=progress)
+                         progress=progress, base=DeltaBase(client, parse_ref(base)) if base else None,
+                         policy=policy)
+    repo = _repository(store)
+    return _push(src, parse_ref(ref), repo, codec=codec, chunk_bytes=chunk_bytes,
+                 threads=threads, progress=progress, base=DeltaBase(repo, parse_ref(base)) if base else None,
+                 policy=policy)
 
 
 def pull(
@@ -75,6 +119,9 @@ def pull(
     threads: int | None = None,
     progress: bool = False,
     cache: str | os.PathLike[str] | None = None,
+    token: str | None = None,
+    tls: ClientTls | None = None,
+    timeout: float | None = None,
 ) -> PullReport:
     """Write the model ``ref`` into the folder ``dest`` (only tensors matching ``only`` globs, if given).
 
@@ -83,12 +130,14 @@ def pull(
     """
     remote = _grpc_target(ref, store)
     if remote is not None:
-        with _grpc_client(remote[0], cache) as client:
+        with _grpc_client(remote[0], cache, token=token, tls=tls,
+                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout) as client:
             return _pull(client, remote[1], dest, only=only, threads=threads, progress=progress)
     return _pull(_repository(store), ref, dest, only=only, threads=threads, progress=progress)
 
 
 def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
+         token: str | None = None, tls: ClientTls | None = None, timeout: float | None = None,
          **options: Any) -> ModelView:
     """A lazy view of a stored model: ``keys()``, ``get_tensor()``, ``get_slice()``, ``state_dict()``.
 
@@ -103,7 +152,9 @@ def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike
         source: Any = _repository(store)
         ref_text = ref
     else:
-        source, ref_text = _grpc_client(remote[0], cache), remote[1]
+        source = _grpc_client(remote[0], cache, token=token, tls=tls, secure=is_tls_url(ref) or is_tls_url(store),
+                              timeout=timeout)
+        ref_text = remote[1]
     try:
         parsed = parse_ref(ref_text)
         manifest_id = source.resolve(parsed)
@@ -113,3 +164,16 @@ def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike
             source.close()
         raise
     return ModelView(source, str(parsed), manifest_id, manifest, owns_source=remote is not None, **options)
+
+
+def load_into(module: torch.nn.Module, ref: str, *, store: str | Store | None = None,
+              cache: str | os.PathLike[str] | None = None, token: str | None = None,
+              tls: ClientTls | None = None, timeout: float | None = None, **options: Any) -> LoadResult:
+    """Load the model ``ref`` into ``module`` (``load_state_dict(assign=True)`` semantics; meta modules work).
+
+    ``store``, ``cache``, ``token``, ``tls`` and ``timeout`` are those of :func:`open`; ``options``
+    are those of :meth:`ModelView.load_into`: ``device``, ``device_map``, ``max_memory``,
+    ``tp_rank``/``tp_size``/``tp_plan``, ``strict``, ``threads``.
+    """
+    with open(ref, store=store, cache=cache, token=token, tls=tls, timeout=timeout) as view:
+        return view.load_into(module, **options)

@@ -46,6 +46,14 @@ def minilm_fp16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _converted_copy(tmp_path_factory.mktemp("fp16") / "minilm", torch.float16)
 
 
+@pytest.fixture(autouse=True)
+def shard_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own, empty client cache: never ~/.cache, never shared between tests."""
+    cache = tmp_path / "client-cache"
+    monkeypatch.setenv("SHARDSTORE_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture
 def local_store(tmp_path: Path) -> Iterator[LocalStore]:
     yield LocalStore(tmp_path / "store")

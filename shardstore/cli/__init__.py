@@ -11,14 +11,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shardstore.cli import bench, models, serve, verify
+from shardstore.cli import bench, eval, gc, health, load, models, serve, verify
 from shardstore.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, human_bytes, parse_size
+from shardstore.config import resolve as resolve_settings
 from shardstore.errors import InvalidInputError, ShardstoreError
 
 __all__ = ["build_parser", "human_bytes", "main", "parse_size"]
 
 # Order is the order of ``shardstore --help``. A new command group is a module here with ``register``.
-COMMAND_MODULES = [models, serve, verify, bench]
+COMMAND_MODULES = [models, load, serve, health, verify, gc, eval, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.progress = not (args.json or args.quiet)
     try:
+        resolve_settings(args)  # flags > SHARDSTORE_<COMMAND>_* > --config file, for commands that opt in
         options = dict(getattr(args, "storage_options", None) or [])
         if options:
             from shardstore.store import open_store
 
-            if args.store and args.store.startswith("grpc://"):
+            if args.store and args.store.startswith(("grpc://", "grpcs://")):
                 raise InvalidInputError("--storage-option applies to stores, not to grpc:// servers")
             args.store = open_store(args.store, **options)
         args.func(args)

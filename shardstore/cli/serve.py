@@ -8,30 +8,74 @@ import sys
 from typing import Any
 
 from shardstore.cli.common import Commands, add_common_options, parse_size
+from shardstore.config import make_configurable
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import asyncio
     import logging
 
+    from shardstore.rpc.logs import JsonFormatter
+    from shardstore.rpc.metrics import ServerMetrics
     from shardstore.rpc.server import serve
     from shardstore.store import open_store
 
     store = open_store(args.store)
-    logging.basicConfig(level=logging.WARNING if args.quiet or args.json else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    access = access_options(args)  # before anything starts: a bad token or TLS setting stops here
+    log_handler = logging.StreamHandler(sys.stderr)
+    log_handler.setFormatter(JsonFormatter() if args.log_format == "json"
+                             else logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    # Asking for JSON logs is asking for the request log, even when stdout carries the --json ready line.
+    quiet_logs = args.quiet or (args.json and args.log_format != "json")
+    logging.basicConfig(level=logging.WARNING if quiet_logs else logging.INFO, handlers=[log_handler])
+    metrics = ServerMetrics()
+    metrics_address = None
+    if args.metrics_port is not None:
+        bound = metrics.serve_http(args.host, args.metrics_port)
+        metrics_address = f"[{args.host}]:{bound}" if ":" in args.host else f"{args.host}:{bound}"
 
     def ready(address: str) -> None:
         # The bound address (the port, when --port 0) is how scripts and tests find the server.
         if args.json:
-            print(json.dumps({"address": address, "store": store.url}), flush=True)
+            print(json.dumps({"address": address, "store": store.url, "metrics_address": metrics_address,
+                              "tls": "tls" in options, "tokens": len(options.get("tokens") or ())}), flush=True)
         elif not args.quiet:
-            print(f"serving {store.url} on grpc://{address} (Ctrl-C to stop)", flush=True)
+            scheme = "grpcs" if "tls" in options else "grpc"
+            access = f", {len(options['tokens'])} tokens" if "tokens" in options else ", no tokens: open to all"
+            print(f"serving {store.url} on {scheme}://{address}{access} (Ctrl-C to stop)", flush=True)
+            if metrics_address:
+                print(f"metrics on http://{metrics_address}/metrics", flush=True)
 
-    options: dict[str, Any] = {"cache_bytes": args.cache_size}
+    options: dict[str, Any] = {"cache_bytes": args.cache_size, "metrics": metrics, **access}
     if args.max_rate is not None:
         options["pace_bytes_per_s"] = args.max_rate
-    asyncio.run(serve(store, args.host, args.port, on_ready=ready, grace=args.grace, **options))
+    try:
+        asyncio.run(serve(store, args.host, args.port, on_ready=ready, grace=args.grace, **options))
+    finally:
+        metrics.close()
+
+
+def access_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Token table and TLS for the server, from --require-token/--tokens-file/$SHARDSTORE_TOKENS and --tls-*."""
+    from shardstore.errors import InvalidInputError
+    from shardstore.rpc.auth import TOKENS_ENV, load_token_table
+    from shardstore.rpc.tls import ServerTls
+
+    options: dict[str, Any] = {}
+    tokens = load_token_table(args.tokens_file)
+    # Configured tokens are always enforced: tokens that were set up but silently ignored would be worse than none.
+    if args.require_token or len(tokens):
+        if not len(tokens):
+            raise InvalidInputError(f"--require-token: no tokens (set ${TOKENS_ENV} or --tokens-file)")
+        options["tokens"] = tokens
+    if args.tls_cert or args.tls_key or args.tls_client_ca:
+        if not (args.tls_cert and args.tls_key):
+            raise InvalidInputError("TLS needs both --tls-cert and --tls-key")
+        options["tls"] = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca)
+        options["tls"].credentials()  # read and check the files now: a bad path is a one-line error, not a crash
+    elif args.require_tls:
+        raise InvalidInputError("--require-tls: give --tls-cert and --tls-key")
+    return options
 
 
 def register(commands: Commands) -> None:
@@ -43,5 +87,21 @@ def register(commands: Commands) -> None:
     p.add_argument("--max-rate", type=parse_size, default=None, metavar="BYTES_PER_S",
                    help="pace all sends to this rate, e.g. 125MB for a 1 Gbit/s link (benchmarks)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight get on shutdown (default 10)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port (default: off)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log as text or as one JSON object per line; either way one line per call (default text)")
+    p.add_argument("--require-token", action="store_true",
+                   help="every call needs a bearer token (from $SHARDSTORE_TOKENS or --tokens-file); "
+                        "refuse to start without one")
+    p.add_argument("--tokens-file", metavar="FILE", default=None,
+                   help="tokens, one 'token:read|write[:model-prefix]' per line, # comments (docs/security.md)")
+    p.add_argument("--tls-cert", metavar="FILE", default=None, help="serve TLS only, with this PEM certificate chain")
+    p.add_argument("--tls-key", metavar="FILE", default=None, help="the PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="FILE", default=None,
+                   help="mutual TLS: require client certificates signed by this PEM CA")
+    p.add_argument("--require-tls", action="store_true", help="refuse to start without --tls-cert/--tls-key")
     add_common_options(p)
+    # Last: every option above, and any added later, also reads SHARDSTORE_SERVE_* and --config (docs/operations.md).
+    make_configurable(p, "serve")
     p.set_defaults(func=cmd_serve)

@@ -40,11 +40,17 @@ from grpc_reflection.v1alpha import reflection
 from shardstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import parse_manifest
+from shardstore.repo.leases import WriteLease
 from shardstore.repo.refs import DEFAULT_TAG, parse_ref
 from shardstore.repo.repository import Repository, blob_key, manifest_key, shard_key
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
+from shardstore.rpc.auth import TokenTable
+from shardstore.rpc.guard import DEFAULT_SEND_TIMEOUT_S, CallGuard
+from shardstore.rpc.logs import RequestObserver, log_request
+from shardstore.rpc.metrics import ServerMetrics
 from shardstore.rpc.status import code_for, error_metadata
+from shardstore.rpc.tls import ServerTls
 from shardstore.store.base import Store
 
 log = logging.getLogger("shardstore.rpc.server")
@@ -62,6 +68,16 @@ DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_MAX_CONCURRENT_RPCS = 256
 DEFAULT_IO_THREADS = 8
 DEFAULT_GRACE_S = 10.0
+# Ping a client after 60 s without traffic and drop it if the ping is not answered in 20 s: a
+# vanished peer (host down, cable cut, NAT forgot us) frees its calls instead of holding them.
+# Clients may ping every 10 s or more, even between calls (their keepalive is 30 s).
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 class HotShardCache:
@@ -132,7 +148,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     """The Registry service over one repository. Subclass to inject faults in tests."""
 
     def __init__(self, store: Store, *, cache_bytes: int = DEFAULT_CACHE_BYTES, pace_bytes_per_s: float | None = None,
-                 io_threads: int = DEFAULT_IO_THREADS) -> None:
+                 io_threads: int = DEFAULT_IO_THREADS, metrics: ServerMetrics | None = None) -> None:
         self.repo = Repository(store)
         self.cache = HotShardCache(cache_bytes)
         self.pacer = Pacer(pace_bytes_per_s) if pace_bytes_per_s else None
@@ -141,9 +157,14 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self.active_streams = 0
         self.sent_bytes = 0  # object bytes sent (shards and blobs)
         self.received_bytes = 0  # object bytes uploaded to us
+        self.metrics = metrics or ServerMetrics()  # Prometheus; served over HTTP by whoever runs the server
+        self.metrics.watch(self)
+        # Held while write calls keep coming, so gc never deletes what a client was told we have.
+        self.write_lease = WriteLease(store)
 
     def close(self) -> None:
         self._io.shutdown(wait=False, cancel_futures=True)
+        self.write_lease.release()
 
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, func, *args)
@@ -168,7 +189,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         data = self.cache.get(shard_id)
         if data is None:
             # Repository.get_shard_bytes checks the bytes against the id (invariant 3).
-            data = await self._run(self.repo.get_shard_bytes, shard_id)
+            with self.metrics.time_shard_fetch():
+                data = await self._run(self.repo.get_shard_bytes, shard_id)
             self.cache.put(shard_id, data)
         return data
 
@@ -267,6 +289,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             blobs = [check_object_id(b, "blob id") for b in request.blob_ids]
 
             def missing() -> tuple[list[str], list[str]]:
+                self.write_lease.hold()  # "already have it" is a promise until the client's ref is set
                 store = self.repo.store
                 return ([s for s in shards if not store.exists(shard_key(s))],
                         [b for b in blobs if not store.exists(blob_key(b))])
@@ -289,6 +312,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             label = "shard" if kind == pb.OBJECT_KIND_SHARD else "blob"
 
             def verify_and_put() -> bool:
+                self.write_lease.hold()
                 if digest(data) != object_id:
                     raise IntegrityError(f"uploaded {label} {object_id}: content does not match its id; not stored")
                 return self.repo.store.put_if_absent(key, memoryview(data))
@@ -328,6 +352,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             manifest = await self._run(parse_manifest, request.manifest)
 
             def check_and_put() -> tuple[str, int]:
+                self.write_lease.hold()
                 store = self.repo.store
                 # Invariant 2: a manifest never points at a missing object.
                 for shard_id in manifest.shards:
@@ -352,6 +377,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             expected = request.expected_manifest_id if request.HasField("expected_manifest_id") else None
 
             def set_ref() -> str:
+                self.write_lease.hold()
                 store = self.repo.store
                 try:
                     previous = self.repo.resolve(ref)
@@ -377,8 +403,9 @@ class RegistryServer:
     """A configured gRPC server with its servicer and health service; see :func:`create_server`."""
 
     def __init__(self, server: grpc.aio.Server, servicer: RegistryServicer, health_servicer: Any,
-                 address: str) -> None:
+                 address: str, guard: CallGuard | None = None) -> None:
         self.server = server
+        self.guard = guard  # access control, send timeouts, in-flight count (shardstore/rpc/guard.py)
         self.servicer = servicer
         self.health = health_servicer
         self.address = address
@@ -407,27 +434,42 @@ def create_server(
     pace_bytes_per_s: float | None = None,
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     servicer: RegistryServicer | None = None,
+    tokens: TokenTable | None = None,
+    tls: ServerTls | None = None,
+    send_timeout: float | None = DEFAULT_SEND_TIMEOUT_S,
+    metrics: ServerMetrics | None = None,
 ) -> tuple[RegistryServer, int]:
-    """An unstarted server bound to ``host:port`` (0: any free port) and the port it got. Call inside an event loop."""
+    """An unstarted server bound to ``host:port`` (0: any free port) and the port it got. Call inside an event loop.
+
+    ``tokens``: every call needs a bearer token with the right scope (None: open). ``tls``: TLS only, no
+    plaintext port. ``send_timeout``: a stream whose client takes no message for that long is ended.
+    """
     options = [
         ("grpc.max_send_message_length", _MESSAGE_LIMIT),
         ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
         # Two servers must never share a port by accident (tests bind port 0 in parallel).
         ("grpc.so_reuseport", 0),
+        *KEEPALIVE_OPTIONS,
     ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
-    servicer = servicer or RegistryServicer(store, cache_bytes=cache_bytes, pace_bytes_per_s=pace_bytes_per_s)
+    guard = CallGuard(SERVICE_NAME, tokens, send_timeout)
+    servicer = servicer or RegistryServicer(store, cache_bytes=cache_bytes, pace_bytes_per_s=pace_bytes_per_s,
+                                            metrics=metrics)
+    # The observer goes first (outermost): calls the guard refuses are counted and logged too.
+    observer = RequestObserver([servicer.metrics.observe, log_request])
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs,
+                             interceptors=[observer, guard])
     pb_grpc.add_RegistryServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         raise InvalidInputError(f"cannot listen on {host}:{port}")
     display_host = f"[{host}]" if ":" in host else host
-    return RegistryServer(server, servicer, health_servicer, f"{display_host}:{bound}"), bound
+    return RegistryServer(server, servicer, health_servicer, f"{display_host}:{bound}", guard), bound
 
 
 async def serve(
