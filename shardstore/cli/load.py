@@ -21,6 +21,11 @@ def _json_option(text: str, option: str) -> Any:
         raise InvalidInputError(f"{option} {text!r}: not JSON nor a JSON file ({exc})") from None
 
 
+def _is_plain_name(text: str) -> bool:
+    """``auto``, ``balanced`` or a device (``cpu``, ``cuda:1``), as opposed to JSON or a file of it."""
+    return not Path(text).is_file() and text[:1].isalpha() and not text.lstrip().startswith(("{", "["))
+
+
 def _device_key(text: str) -> str | int:
     return int(text) if text.isdigit() else text
 
@@ -41,10 +46,10 @@ def cmd_load(args: argparse.Namespace) -> None:
 
     device_map: Any = None
     if args.device_map is not None:
-        device_map = args.device_map if args.device_map in ("auto", "balanced") else _json_option(
+        device_map = args.device_map if _is_plain_name(args.device_map) else _json_option(
             args.device_map, "--device-map")
         if not isinstance(device_map, (str, dict)):
-            raise InvalidInputError("--device-map must be auto, balanced, or a JSON object {prefix: device}")
+            raise InvalidInputError("--device-map must be auto, balanced, a device, or a JSON object {prefix: device}")
     tp_plan = _json_option(args.tp_plan, "--tp-plan") if args.tp_plan is not None else None
     if tp_plan is not None and not isinstance(tp_plan, dict):
         raise InvalidInputError("--tp-plan must be a JSON object {pattern: 0 | 1 | null}")
@@ -89,7 +94,8 @@ def register(commands: Commands) -> None:
     p.add_argument("ref", metavar="NAME:TAG")
     p.add_argument("--device", default=None, help="one device for every tensor: cpu, meta, cuda:N (default cpu)")
     p.add_argument("--device-map", default=None, metavar="MAP",
-                   help="auto, balanced, or a JSON object / file {module prefix: device} as accelerate writes")
+                   help="auto, balanced, a device (cpu, cuda:1), or a JSON object / file "
+                        "{module prefix: device} as accelerate writes")
     p.add_argument("--max-memory", type=parse_memory, action="append", default=[], metavar="DEVICE=SIZE",
                    help="budget of a device for auto/balanced, e.g. 0=20GiB cpu=64GiB (repeatable)")
     p.add_argument("--tp-rank", type=int, default=None, help="tensor-parallel rank to load")

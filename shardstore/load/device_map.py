@@ -181,8 +181,11 @@ def place(names: Sequence[str], sizes: Mapping[str, int], *, device: DeviceLike 
           max_memory: Mapping[DeviceLike, int] | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(tensor → device, the device map used) for ``names`` in layer order.
 
-    ``device_map`` is a prefix map, ``"auto"``/``"balanced"``, or None for every tensor on ``device`` (cpu).
+    ``device_map`` is a prefix map, ``"auto"``/``"balanced"``, a device name (``"cuda:0"``: everything
+    there, as transformers accepts it), or None for every tensor on ``device`` (cpu).
     """
+    if isinstance(device_map, str) and device_map not in STRATEGIES:
+        device_map = {"": device_map}
     if device_map is not None and device is not None:
         raise InvalidInputError("give a device or a device_map, not both")
     if device_map is None:

@@ -35,6 +35,13 @@ def test_load_reports_bytes_per_device_and_fetched(minilm_fine: Pushed, capsys: 
     assert figures["peak_rss_bytes"] >= figures["baseline_rss_bytes"] > 0  # type: ignore[operator]
 
 
+def test_a_device_name_is_a_device_map(minilm_fine: Pushed, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--device-map cpu`` means everything on cpu, as transformers reads ``device_map="cpu"``."""
+    figures = _load_json(capsys, REF, "--store", str(minilm_fine.path), "--device-map", "cpu")
+    assert figures["device_map"] == {"": "cpu"}
+    assert figures["bytes_by_device"] == {"cpu": minilm_fine.raw_bytes}
+
+
 def test_load_with_auto_and_max_memory(minilm_fine: Pushed, capsys: pytest.CaptureFixture[str]) -> None:
     budget = minilm_fine.raw_bytes * 3 // 4
     figures = _load_json(capsys, REF, "--store", str(minilm_fine.path), "--device-map", "auto",
