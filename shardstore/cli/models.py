@@ -163,10 +163,12 @@ def register(commands: Commands) -> None:
     p = commands.add_parser("push", help="push a .safetensors file or a model folder as NAME:TAG (or to grpc://HOST:PORT/NAME:TAG)")
     p.add_argument("src", metavar="SRC")
     p.add_argument("ref", metavar="NAME:TAG")
-    p.add_argument("--codec", default=DEFAULT_CODEC_NAME, help=f"lossless codec: {', '.join(codec_names())}")
+    p.add_argument("--codec", default=DEFAULT_CODEC_NAME,
+                   help=f"lossless codec: {', '.join(codec_names(lossless=True))}")
     p.add_argument("--lossy", action="append", default=[], metavar="[PATTERN=]CODEC[:OPTS]",
-                   help="quantize matching tensors, e.g. '*.weight=int8', 'int4:group=128', 'auto' "
-                        "(repeatable, first match wins; norms, biases, 1-D and small tensors stay lossless)")
+                   help="quantize or prune matching tensors, e.g. '*.weight=int8', 'int4:group=128', 'auto' "
+                        "(repeatable, first match wins; norms, biases, 1-D and small tensors stay lossless). "
+                        f"Lossy codecs: {', '.join(codec_names(lossless=False))}")
     p.add_argument("--policy", metavar="FILE", default=None, help="per-tensor policy, JSON or YAML (docs/lossy.md)")
     p.add_argument("--min-snr", type=float, default=None, metavar="DB",
                    help="--lossy auto: the smallest codec with at least this SNR, per tensor")

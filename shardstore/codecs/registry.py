@@ -45,8 +45,10 @@ def codec_from_name(name: str) -> Codec:
     raise CodecError(f"unknown codec {name!r} (known: {known})")
 
 
-def codec_names() -> list[str]:
-    return sorted(_NAMED_CONFIGS)
+def codec_names(*, lossless: bool | None = None) -> list[str]:
+    """CLI names; only the lossless (or only the lossy) ones when ``lossless`` is given."""
+    return sorted(name for name, config in _NAMED_CONFIGS.items()
+                  if lossless is None or _CODECS[config["id"]].lossless == lossless)
 
 
 def codec_ids() -> list[str]:
