@@ -205,16 +205,16 @@ def test_a_manifest_that_lies_about_a_delta_is_an_error(minilm_dir: Path, finetu
     def lookup(shard_id: str) -> Shard:
         return parse_shard(repo.get_shard_bytes(shard_id), shard_id)
 
-    good = bytes(decode_piece(shard, piece, lookup=lookup))
+    good = bytes(decode_piece(shard, piece, record, lookup=lookup))
     assert good == changed_bytes(finetuned, "encoder.layer.1.attention.self.key.weight")
     with pytest.raises(FormatError, match="is a delta stream"):
-        decode_piece(shard, dataclasses.replace(piece, base=None), lookup=lookup)
+        decode_piece(shard, dataclasses.replace(piece, base=None), record, lookup=lookup)
     with pytest.raises(FormatError, match="no base shard"):
-        decode_piece(shard, piece)
+        decode_piece(shard, piece, record)
     other = manifest.tensors["encoder.layer.1.attention.self.key.bias"].pieces[0]
     wrong = dataclasses.replace(piece, base=PieceBase(other.base.shard if other.base else other.shard, other.stream))
     with pytest.raises((IntegrityError, FormatError)):
-        decode_piece(shard, wrong, lookup=lookup)
+        decode_piece(shard, wrong, record, lookup=lookup)
     info = describe(manifest, "minilm-ft:v1", "x")
     assert info["stored_bytes"] == manifest.stored_bytes < sum(manifest.shards.values())
 
