@@ -8,7 +8,14 @@ hidden. Dtype variants: the file as stored, plus BF16 and F16 copies of its
 float tensors (made with torch).
 
 Throughput is raw tensor bytes per second (GB = 1e9 bytes); ratio is stored
-bytes over raw tensor bytes. The entropy limit is the order-0 entropy, per
+bytes over raw tensor bytes. Each runner's figure is its best of ``repeats`` runs, and the runs
+are interleaved (round r of every runner, then round r + 1): on a shared, noisy machine the
+best runs of a codec and of its peer come from the same stretches of time. The 1-thread column
+is checked, not assumed: "1t cores" is the process's CPU time over the wall time of those runs,
+the cores it kept busy on average (at most 1.00 for one thread; below it when other work on the
+machine takes turns with it). ZipNN gets ``threads=1``; its core then does the work on one
+worker thread that it starts per call while the caller waits, so the process's CPU time, not the
+calling thread's, is the measure. The entropy limit is the order-0 entropy, per
 tensor, of the whole element values for 1- and 2-byte dtypes; for wider
 dtypes, of each 16-bit half separately (a 32-bit alphabet has no meaningful
 order-0 estimate at these sizes).
@@ -243,35 +250,44 @@ def _run_decode(
         list(pool.map(dec, jobs))
 
 
-def _measure(
-    pieces: list[Piece],
-    runner: tuple[Encode, Decode],
-    threads: int,
-    pool: ThreadPoolExecutor | None,
-    repeats: int = 1,
-    prepare: Callable[[Piece], Piece] | None = None,
-) -> tuple[list[bytes], float, float, bool]:
-    """Encode then decode every piece ``repeats`` times; the best time of each, and whether every
-    round trip gave back the original bytes (checked against ``pieces``, never against what the
-    encoder was handed, which ``prepare`` may have copied)."""
-    encode, decode = runner
-    outs = [bytearray(len(p.data)) for p in pieces]  # destinations exist before the clock starts
-    t_enc = t_dec = float("inf")
-    blobs: list[bytes] = []
-    ok = True
+@dataclass
+class _Run:
+    """One (runner, thread count): its best times so far, and what its runs showed."""
+
+    name: str
+    threads: int
+    runner: tuple[Encode, Decode]
+    pool: ThreadPoolExecutor | None
+    prepare: Callable[[Piece], Piece] | None
+    t_enc: float = float("inf")
+    t_dec: float = float("inf")
+    stored: int = 0
+    ok: bool = True
+    process_cpu: float = 0.0  # CPU seconds of the whole process in these runs, and their wall time
+    wall: float = 0.0
+
+
+def _measure_once(run: _Run, pieces: list[Piece], outs: list[bytearray]) -> None:
+    """Encode then decode every piece once; keep the best times, check every round trip
+    against ``pieces`` (never against what the encoder was handed, which ``prepare`` may have
+    copied)."""
+    encode, decode = run.runner
 
     def dec(args: tuple[bytes, Piece, bytearray]) -> None:
         decode(*args)
 
-    for _ in range(repeats):
-        inputs = [prepare(p) for p in pieces] if prepare else pieces
-        te, blobs = _timed(functools.partial(_run_encode, encode, inputs, threads, pool))
-        td, _ = _timed(functools.partial(_run_decode, dec, list(zip(blobs, pieces, outs, strict=True)), threads, pool))
-        t_enc, t_dec = min(t_enc, te), min(t_dec, td)
-        ok = ok and all(o == p.data for o, p in zip(outs, pieces, strict=True))
-        for o in outs:
-            o[:] = bytes(len(o))  # a decoder that writes nothing must not pass on the last run's bytes
-    return blobs, t_enc, t_dec, ok
+    inputs = [run.prepare(p) for p in pieces] if run.prepare else pieces
+    process0 = time.process_time()
+    te, blobs = _timed(functools.partial(_run_encode, encode, inputs, run.threads, run.pool))
+    jobs = list(zip(blobs, pieces, outs, strict=True))
+    td, _ = _timed(functools.partial(_run_decode, dec, jobs, run.threads, run.pool))
+    run.process_cpu += time.process_time() - process0
+    run.wall += te + td
+    run.t_enc, run.t_dec = min(run.t_enc, te), min(run.t_dec, td)
+    run.stored = sum(len(b) for b in blobs)
+    run.ok = run.ok and all(o == p.data for o, p in zip(outs, pieces, strict=True))
+    for o in outs:
+        o[:] = bytes(len(o))  # a decoder that writes nothing must not pass on the last run's bytes
 
 
 def _memcpy_gbps(size: int = 256 << 20) -> float:
@@ -283,12 +299,19 @@ def _memcpy_gbps(size: int = 256 << 20) -> float:
 
 
 def run_codec_benchmark(
-    path: str, *, threads: int | None = None, piece_bytes: int = 4 << 20, repeats: int = 3
+    path: str,
+    *,
+    threads: int | None = None,
+    piece_bytes: int = 4 << 20,
+    repeats: int = 3,
+    only: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark every codec and available peer on every dtype variant of ``path``.
+    """Benchmark every codec and available peer (or those named in ``only``) on every dtype
+    variant of ``path``.
 
-    Each (runner, thread count) encodes and decodes everything ``repeats`` times; the best time
-    of each is reported (the machine's noise only ever slows a run down)."""
+    Each (runner, thread count) encodes and decodes everything ``repeats`` times, the runners
+    taking turns round by round; the best time of each is reported (the machine's noise only
+    ever slows a run down)."""
     threads = threads or os.cpu_count() or 1
     result: dict[str, Any] = {
         "file": os.path.basename(path),
@@ -309,25 +332,38 @@ def run_codec_benchmark(
             ]
             runners += [(f"zstd -{lv}", "peer", functools.partial(_for_zstd, lv)) for lv in ZSTD_LEVELS]
             runners += [("lz4", "peer", _for_lz4), ("zipnn", "peer", _zipnn_runner)]
-            rows = []
+            runners = [r for r in runners if only is None or r[0] in only]
+            runs: list[tuple[str, str, list[_Run]]] = []
             for name, kind, make in runners:
-                row: dict[str, Any] = {"name": name, "kind": kind, "encode_gbps": {}, "decode_gbps": {}}
-                ok_all = True
+                per_threads = []
                 for n in sorted({1, threads}):
                     runner = make(n)
                     if runner is None:
-                        break
+                        break  # not installed
                     # ZipNN threads internally; every other runner is spread over pieces by our pool.
                     use_pool = None if name == "zipnn" else pool
-                    prepare = _zipnn_prepare if name == "zipnn" else None
-                    blobs, t_enc, t_dec, ok = _measure(pieces, runner, n, use_pool, repeats, prepare)
-                    row["ratio"] = round(sum(len(b) for b in blobs) / raw_bytes, 5)
-                    row["encode_gbps"][str(n)] = round(raw_bytes / t_enc / 1e9, 3)
-                    row["decode_gbps"][str(n)] = round(raw_bytes / t_dec / 1e9, 3)
-                    ok_all = ok_all and ok
+                    per_threads.append(_Run(name, n, runner, use_pool, _zipnn_prepare if name == "zipnn" else None))
                 else:
-                    row["roundtrip_ok"] = ok_all
-                    rows.append(row)
+                    runs.append((name, kind, per_threads))
+            outs = [bytearray(len(p.data)) for p in pieces]  # destinations exist before the clock starts
+            for _ in range(repeats):
+                for _name, _kind, per_threads in runs:
+                    for run in per_threads:
+                        _measure_once(run, pieces, outs)
+            rows = []
+            for name, kind, per_threads in runs:
+                single = next(r for r in per_threads if r.threads == 1)
+                rows.append(
+                    {
+                        "name": name,
+                        "kind": kind,
+                        "ratio": round(per_threads[0].stored / raw_bytes, 5),
+                        "encode_gbps": {str(r.threads): round(raw_bytes / r.t_enc / 1e9, 3) for r in per_threads},
+                        "decode_gbps": {str(r.threads): round(raw_bytes / r.t_dec / 1e9, 3) for r in per_threads},
+                        "cores_busy_1t": round(single.process_cpu / max(single.wall, 1e-9), 3),
+                        "roundtrip_ok": all(r.ok for r in per_threads),
+                    }
+                )
             result["variants"].append(
                 {
                     "dtype": variant,
@@ -345,7 +381,7 @@ def format_codec_table(result: dict[str, Any]) -> str:
     n = str(result["threads"])
     lines = [
         f"file {result['file']}; pieces of {result['piece_bytes']} B; {n} threads; "
-        f"best of {result.get('repeats', 1)} runs; "
+        f"best of {result.get('repeats', 1)} interleaved runs; "
         f"memcpy {result['memcpy_gbps']:.2f} GB/s; GB/s are raw tensor bytes per second",
     ]
     for variant in result["variants"]:
@@ -354,16 +390,18 @@ def format_codec_table(result: dict[str, Any]) -> str:
             f"{variant['dtype']}: {variant['raw_bytes']} raw bytes in {variant['pieces']} pieces; "
             f"order-0 entropy limit {variant['entropy_ratio']:.4f}",
             f"{'codec / peer':22} {'ratio':>7} {'enc 1t':>7} {'enc ' + n + 't':>7} "
-            f"{'dec 1t':>7} {'dec ' + n + 't':>7}  round trip",
+            f"{'dec 1t':>7} {'dec ' + n + 't':>7} {'1t cores':>8}  round trip",
         ]
         for row in variant["rows"]:
             enc, dec = row["encode_gbps"], row["decode_gbps"]
             label = row["name"] + (" (peer)" if row["kind"] == "peer" else "")
+            cores = row.get("cores_busy_1t")
+            cpu_text = f"{cores:8.2f}" if cores is not None else f"{'-':>8}"
             lines.append(
                 f"{label:22} {row['ratio']:7.4f} {enc['1']:7.2f} {enc[n]:7.2f} "
-                f"{dec['1']:7.2f} {dec[n]:7.2f}  ok"
+                f"{dec['1']:7.2f} {dec[n]:7.2f} {cpu_text}  ok"
                 if row["roundtrip_ok"]
                 # A peer that loses bits gets no speed: it would be the speed of doing less work.
-                else f"{label:22} {row['ratio']:7.4f} {'-':>7} {'-':>7} {'-':>7} {'-':>7}  FAILED"
+                else f"{label:22} {row['ratio']:7.4f} {'-':>7} {'-':>7} {'-':>7} {'-':>7} {cpu_text}  FAILED"
             )
     return "\n".join(lines)

@@ -46,10 +46,11 @@ must end at 2^16 with every word consumed. A varint is LEB128, at most 3 bytes.
 The C extension (``_entropy.c``) encodes and decodes a whole piece per call with the GIL
 released: histograms, frequency normalisation, the raw/coded choice and the payloads on encode;
 every block and field plus the merge back into elements, written straight into the caller's
-buffer, on decode (AVX2 rANS and bit unpacking where the CPU has it, chosen at run time, with a
-portable C path otherwise). Without the extension the numpy kernels below produce the same
-bytes; the C planning mirrors :func:`normalize` and :func:`_plan` step for step (integer-only
-arithmetic, so identical input gives identical bytes on every machine, invariant 5).
+buffer, on decode (AVX2 rANS, bit packing and unpacking where the CPU has it, chosen at run
+time, with a portable C path otherwise; both give the same bytes). Without the extension the
+numpy kernels below produce the same bytes; the C planning mirrors :func:`normalize` and
+:func:`_plan` step for step (integer-only arithmetic, so identical input gives identical bytes
+on every machine, invariant 5).
 """
 
 from __future__ import annotations
@@ -455,9 +456,14 @@ try:
     C_KERNELS = _entropy
 
     class _PortableC:
-        """The C kernels with the SIMD decode switched off (same bytes, any x86-64 or other CPU)."""
+        """The C kernels with the SIMD loops switched off (same bytes, any x86-64 or other CPU)."""
 
-        encode_piece = staticmethod(_entropy.encode_piece)
+        @staticmethod
+        def encode_piece(
+            data: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int, cost: bytes
+        ) -> bytes:
+            encoded: bytes = _entropy.encode_piece(data, itemsize, rotate, widths, block_elems, cost, False)
+            return encoded
 
         @staticmethod
         def decode(

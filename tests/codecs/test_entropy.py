@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -234,3 +235,129 @@ def test_normalize_is_exact_and_keeps_rare_symbols() -> None:
         freqs = E.normalize(row[None, :], total)[0]
         assert freqs.sum() == E.PROB_SCALE
         assert ((freqs > 0) == (row > 0)).all()
+
+
+# ---------------------------------------------------------------- the SIMD loops against the others
+#
+# The C kernels run AVX2 loops where the CPU has them (encode: rANS steps with a float-reciprocal
+# division, a whole-value histogram for 2-byte elements, bit packing; decode: the rANS steps with
+# the field merge fused in). They must give the same bytes as the portable C loops and numpy on
+# data that reaches every branch: 9-bit fields whose symbols straddle 256 (the decode entry keeps
+# only 8 symbol bits), a symbol above half the probability (the encoder's wide division),
+# single-symbol tables, partial groups and blocks, and pieces long enough for the 64K histogram.
+
+SIMD = pytest.mark.skipif(
+    E.C_KERNELS is None or E._entropy.simd() == "none", reason="no C extension or no SIMD path on this CPU"
+)
+
+
+def _weights(rng: np.random.Generator, n: int, decades: float, zeros: float) -> npt.NDArray[np.float32]:
+    """Normal values whose magnitudes spread over `decades` powers of ten, a share of them zero."""
+    x = rng.standard_normal(n) * np.power(10.0, rng.uniform(-decades, decades, n))
+    x[rng.random(n) < zeros] = 0.0
+    with np.errstate(over="ignore"):  # past float32's range: infinities, fine data too
+        return x.astype(np.float32)
+
+
+def _as_dtype(x: npt.NDArray[np.float32], dtype: str) -> bytes:
+    if dtype == "BF16":
+        return (x.view(np.uint32) >> 16).astype("<u2").tobytes()
+    if dtype == "F16":
+        with np.errstate(over="ignore"):  # magnitudes past 65504 become infinities: fine data too
+            return x.astype("<f2").tobytes()
+    return x.astype("<f4").tobytes()
+
+
+def _all_agree(raw: bytes, dtype: str, block_elems: int) -> bytes:
+    """Every encoder gives the same bytes and every decoder the input back; returns the stream."""
+    blobs = {E.encode_piece(raw, dtype, block_elems, kernels) for kernels in IMPLEMENTATIONS}
+    assert len(blobs) == 1
+    (blob,) = blobs
+    for kernels in IMPLEMENTATIONS:
+        out = bytearray(len(raw))
+        E.decode_piece(blob, dtype, block_elems, memoryview(out), kernels)
+        assert bytes(out) == raw
+    return blob
+
+
+@SIMD
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["BF16", "F16", "F32"]),
+    st.integers(1, 6000),
+    st.sampled_from([0.0, 1.0, 3.0, 40.0]),
+    st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    st.sampled_from([32, 96, 2048, 1 << 18]),
+    st.integers(0, 2**32 - 1),
+)
+def test_simd_matches_portable_and_numpy(
+    dtype: str, n: int, decades: float, zeros: float, block_elems: int, seed: int
+) -> None:
+    raw = _as_dtype(_weights(np.random.default_rng(seed), n, decades, zeros), dtype)
+    _all_agree(raw, dtype, block_elems)
+
+
+def _field0_modes_and_symbols(blob: bytes, nbytes: int) -> tuple[int, list[int]]:
+    """Mode and symbols of the first field of the first block (a stream starts with it)."""
+    reader = E._Reader(memoryview(blob))
+    mode = reader.take(1, "mode")[0]
+    if mode != 1:
+        return mode, []
+    nsym = reader.varint("n") + 1
+    symbols, sym = [], 0
+    for r in range(nsym):
+        gap = reader.varint("s")
+        sym = gap if r == 0 else sym + gap + 1
+        symbols.append(sym)
+    return mode, symbols
+
+
+@SIMD
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_nine_bit_symbols_either_side_of_256(dtype: str) -> None:
+    """The top field of BF16 and F32 holds exponent and top mantissa bit, 9 bits: values either
+    side of 2.0 in magnitude give symbols either side of 256, all in one coded table."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(40_000) * np.power(2.0, rng.integers(-6, 7, 40_000))).astype(np.float32)
+    raw = _as_dtype(x, dtype)
+    blob = _all_agree(raw, dtype, 1 << 18)
+    mode, symbols = _field0_modes_and_symbols(blob, len(raw))
+    assert mode == 1
+    assert min(symbols) < 256 <= max(symbols)
+    # Every symbol at or above 256: the threshold slot is 0.
+    big = _as_dtype((np.abs(x) + 2.0) * np.sign(x + 1e-30).astype(np.float32), dtype)
+    blob = _all_agree(big, dtype, 1 << 18)
+    mode, symbols = _field0_modes_and_symbols(blob, len(big))
+    assert mode == 1 and min(symbols) >= 256
+
+
+@SIMD
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_dominant_and_single_symbol_fields(dtype: str) -> None:
+    """Mostly zeros: a symbol above 2048/4096 (the encoder's two-part float conversion); all
+    zeros: single-symbol tables, which the SIMD decoder fills without running the rANS loop."""
+    rng = np.random.default_rng(5)
+    mostly = _weights(rng, 70_001, 1.0, 0.8)
+    _all_agree(_as_dtype(mostly, dtype), dtype, 1 << 14)
+    blob = _all_agree(_as_dtype(np.zeros(50_000, np.float32), dtype), dtype, 1 << 18)
+    assert len(blob) < 600  # one-symbol tables and lane states only
+
+
+@SIMD
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "I16", "U8", "I32", "F64"])
+def test_whole_value_histogram_and_packers(dtype: str) -> None:
+    """Pieces past the 64K-bin histogram's threshold, with raw (near-random) fields for the SIMD
+    packers and unpackers, a partial last block and a partial last group."""
+    rng = np.random.default_rng(9)
+    n = (1 << 16) + 77
+    x = rng.standard_normal(n).astype(np.float32) * np.float32(0.05)
+    raw = {
+        "BF16": _as_dtype(x, "BF16"),
+        "F16": _as_dtype(x, "F16"),
+        "I16": rng.integers(-30000, 30000, n).astype("<i2").tobytes(),
+        "U8": rng.integers(0, 256, n).astype(np.uint8).tobytes(),
+        "I32": rng.integers(-(2**20), 2**20, n).astype("<i4").tobytes(),
+        "F64": x.astype("<f8").tobytes(),
+    }[dtype]
+    for block_elems in (1 << 15, 1 << 18):
+        _all_agree(raw, dtype, block_elems)
