@@ -2,7 +2,7 @@
 
 Every tensor of a safetensors file is cut into row-aligned pieces of the size
 the repo uses, and each codec or peer encodes and decodes every piece with one
-thread and with all threads (a pool over pieces, as the repo runs them). Every
+thread and with all threads (workers each taking the next piece). Every
 round trip is compared bit for bit; a peer that fails one is reported, not
 hidden. Dtype variants: the file as stored, plus BF16 and F16 copies of its
 float tensors (made with torch).
@@ -24,6 +24,7 @@ order-0 estimate at these sizes).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -229,12 +230,31 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def _spread(fn: Callable[[Any], Any], items: list[Any], threads: int, pool: ThreadPoolExecutor | None) -> list[Any]:
+    """``fn`` over ``items`` on ``threads`` workers, each taking the next item as it finishes one.
+
+    One pool task per worker, not per item: a task costs about 13 µs of hand-off, a tenth of
+    what decoding a 0.4 MB piece takes, and that would be measured as the codec not scaling.
+    (The repo's pool hands out whole shards of several pieces, where the hand-off is negligible.)
+    """
+    if pool is None or threads == 1:
+        return [fn(item) for item in items]
+    results: list[Any] = [None] * len(items)
+    order = itertools.count()  # next() of a C iterator is atomic under the GIL
+
+    def worker() -> None:
+        while (i := next(order)) < len(items):
+            results[i] = fn(items[i])
+
+    for future in [pool.submit(worker) for _ in range(threads)]:
+        future.result()
+    return results
+
+
 def _run_encode(
     encode: Encode, inputs: list[Piece], threads: int, pool: ThreadPoolExecutor | None
 ) -> list[bytes]:
-    if pool is None or threads == 1:
-        return [encode(p) for p in inputs]
-    return list(pool.map(encode, inputs))
+    return _spread(encode, inputs, threads, pool)
 
 
 def _run_decode(
@@ -243,11 +263,7 @@ def _run_decode(
     threads: int,
     pool: ThreadPoolExecutor | None,
 ) -> None:
-    if pool is None or threads == 1:
-        for job in jobs:
-            dec(job)
-    else:
-        list(pool.map(dec, jobs))
+    _spread(dec, jobs, threads, pool)
 
 
 @dataclass
