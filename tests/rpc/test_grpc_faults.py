@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import shardstore
+from rpc.access_helpers import cli, serve_process
 from rpc.grpc_helpers import push_small_model
 from shardstore.cli import main
 from shardstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, StoreError
@@ -257,22 +255,8 @@ def test_shard_cache_is_lru_bounded_and_drops_corrupt_entries(tmp_path: Path) ->
 def test_serve_command_runs_and_stops_gracefully(small_store: tuple[LocalStore, Path], tmp_path: Path) -> None:
     store, model = small_store
     env = {**os.environ, "SHARDSTORE_CACHE": str(tmp_path / "cli-cache")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shardstore", "serve", "--store", str(store.root), "--port", "0", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        ready = json.loads(proc.stdout.readline())
-        pulled = subprocess.run(
-            [sys.executable, "-m", "shardstore", "pull", f"grpc://{ready['address']}/small:v1", str(tmp_path / "o"),
-             "--json"], capture_output=True, text=True, env=env, timeout=120, check=True,
-        )
+    with serve_process(store.root, env=env) as served:  # asserts the SIGTERM exit is 0
+        pulled = cli("pull", f"grpc://{served.address}/small:v1", str(tmp_path / "o"), "--json", env=env)
+        assert pulled.returncode == 0, pulled.stderr
         assert json.loads(pulled.stdout)["shards_cached"] == 0
         assert (tmp_path / "o" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
