@@ -17,7 +17,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from shardstore.rpc.logs import JsonFormatter
     from shardstore.rpc.metrics import ServerMetrics
-    from shardstore.rpc.server import serve
+    from shardstore.rpc.server import RegistryServer, serve
     from shardstore.store import open_store
 
     store = open_store(args.store)
@@ -34,10 +34,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         bound = metrics.serve_http(args.host, args.metrics_port)
         metrics_address = f"[{args.host}]:{bound}" if ":" in args.host else f"{args.host}:{bound}"
 
-    def ready(address: str) -> None:
+    def ready(registry: RegistryServer) -> None:
         # The bound address (the port, when --port 0) is how scripts and tests find the server.
+        address = registry.address
+        ready_state["http_address"] = registry.http_address
         if args.json:
             print(json.dumps({"address": address, "store": store.url, "metrics_address": metrics_address,
+                              "http_address": registry_http_address(),
                               "tls": "tls" in options, "tokens": len(options.get("tokens") or ())}), flush=True)
         elif not args.quiet:
             scheme = "grpcs" if "tls" in options else "grpc"
@@ -45,8 +48,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
             print(f"serving {store.url} on {scheme}://{address}{access} (Ctrl-C to stop)", flush=True)
             if metrics_address:
                 print(f"metrics on http://{metrics_address}/metrics", flush=True)
+            if registry_http_address():
+                print(f"HTTP objects and web view on http://{registry_http_address()}/", flush=True)
 
-    options: dict[str, Any] = {"cache_bytes": args.cache_size, "metrics": metrics, **access}
+    def registry_http_address() -> str | None:
+        return ready_state.get("http_address")
+
+    ready_state: dict[str, str | None] = {}
+    options: dict[str, Any] = {"cache_bytes": args.cache_size, "metrics": metrics, "http_port": args.http_port,
+                               **access}
     if args.max_rate is not None:
         options["pace_bytes_per_s"] = args.max_rate
     try:
@@ -89,6 +99,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight get on shutdown (default 10)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port (default: off)")
+    p.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                   help="also serve HTTP GETs of shards and blobs and the web view on HOST:PORT; 0 picks a free port "
+                        "(default: off)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log as text or as one JSON object per line; either way one line per call (default text)")
     p.add_argument("--require-token", action="store_true",

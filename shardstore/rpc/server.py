@@ -40,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from shardstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import parse_manifest
+from shardstore.http.app import HttpContext, HttpListener, create_http_app
 from shardstore.repo.leases import WriteLease
 from shardstore.repo.refs import DEFAULT_TAG, parse_ref
 from shardstore.repo.repository import Repository, blob_key, manifest_key, shard_key
@@ -403,8 +404,10 @@ class RegistryServer:
     """A configured gRPC server with its servicer and health service; see :func:`create_server`."""
 
     def __init__(self, server: grpc.aio.Server, servicer: RegistryServicer, health_servicer: Any,
-                 address: str, guard: CallGuard | None = None) -> None:
+                 address: str, guard: CallGuard | None = None, http: HttpListener | None = None) -> None:
         self.server = server
+        self.http = http  # the --http-port listener (shardstore/http/), on this same event loop
+        self.http_address: str | None = None
         self.guard = guard  # access control, send timeouts, in-flight count (shardstore/rpc/guard.py)
         self.servicer = servicer
         self.health = health_servicer
@@ -412,12 +415,17 @@ class RegistryServer:
 
     async def start(self) -> None:
         await self.server.start()
+        if self.http is not None:
+            port = await self.http.start()
+            self.http_address = f"{self.address.rsplit(':', 1)[0]}:{port}"
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
         """Graceful shutdown: report NOT_SERVING, refuse new calls, let calls in flight finish within ``grace``."""
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         self.servicer.close()
 
@@ -438,11 +446,13 @@ def create_server(
     tls: ServerTls | None = None,
     send_timeout: float | None = DEFAULT_SEND_TIMEOUT_S,
     metrics: ServerMetrics | None = None,
+    http_port: int | None = None,
 ) -> tuple[RegistryServer, int]:
     """An unstarted server bound to ``host:port`` (0: any free port) and the port it got. Call inside an event loop.
 
     ``tokens``: every call needs a bearer token with the right scope (None: open). ``tls``: TLS only, no
     plaintext port. ``send_timeout``: a stream whose client takes no message for that long is ended.
+    ``http_port``: also listen for HTTP GETs and the web view on ``host:http_port`` (0: a free port; None: off).
     """
     options = [
         ("grpc.max_send_message_length", _MESSAGE_LIMIT),
@@ -469,7 +479,10 @@ def create_server(
     if bound == 0:
         raise InvalidInputError(f"cannot listen on {host}:{port}")
     display_host = f"[{host}]" if ":" in host else host
-    return RegistryServer(server, servicer, health_servicer, f"{display_host}:{bound}", guard), bound
+    http = None
+    if http_port is not None:
+        http = HttpListener(create_http_app(HttpContext(store, tokens, servicer.metrics)), host, http_port)
+    return RegistryServer(server, servicer, health_servicer, f"{display_host}:{bound}", guard, http), bound
 
 
 async def serve(
@@ -477,7 +490,7 @@ async def serve(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
-    on_ready: Callable[[str], None] | None = None,
+    on_ready: Callable[[RegistryServer], None] | None = None,
     grace: float = DEFAULT_GRACE_S,
     **options: Any,
 ) -> None:
@@ -489,7 +502,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if on_ready is not None:
-        on_ready(registry.address)
+        on_ready(registry)
     try:
         await stop.wait()
     finally:
