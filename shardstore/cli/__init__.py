@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from shardstore.cli import bench, eval, gc, health, load, models, serve, verify
+from shardstore.cli import bench, eval, gc, health, load, models, serve, tags, verify
 from shardstore.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, human_bytes, parse_size
 from shardstore.config import resolve as resolve_settings
 from shardstore.errors import InvalidInputError, ShardstoreError
@@ -19,7 +19,7 @@ from shardstore.errors import InvalidInputError, ShardstoreError
 __all__ = ["build_parser", "human_bytes", "main", "parse_size"]
 
 # Order is the order of ``shardstore --help``. A new command group is a module here with ``register``.
-COMMAND_MODULES = [models, load, serve, health, verify, gc, eval, bench]
+COMMAND_MODULES = [models, tags, load, serve, health, verify, gc, eval, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,12 +15,15 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from shardstore.errors import IntegrityError, InvalidInputError, NotFoundError
+from shardstore.errors import IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.repo.pool import ordered_map
 from shardstore.repo.refs import Ref, parse_ref, ref_from_key
 from shardstore.store.base import Store
+
+# A not-found error lists at most this many of the name's tags.
+_TAGS_SHOWN = 20
 
 
 def shard_key(shard_id: str) -> str:
@@ -80,8 +83,26 @@ class Repository:
         try:
             value = self.store.get(ref.key).decode("ascii", "replace").strip()
         except NotFoundError:
-            raise NotFoundError(f"{ref}: no such model in {self.store.url}") from None
+            raise self._no_such_ref(ref) from None
         return check_object_id(value, f"manifest id in ref {ref}")
+
+    def tags(self, name: str) -> list[str]:
+        """The tags that exist for model ``name``, sorted (one LIST, no reads)."""
+        found = (ref_from_key(key) for key in self.store.list("refs"))
+        return sorted(ref.tag for ref in found if ref is not None and ref.name == name)
+
+    def _no_such_ref(self, ref: Ref) -> NotFoundError:
+        """A not-found error that says what does exist: the user's next move is usually one of those tags."""
+        try:
+            tags = self.tags(ref.name)
+        except ShardstoreError:
+            tags = []  # the listing is a courtesy: never let it hide the real error
+        where = f"in {self.store.url}"
+        if not tags:
+            return NotFoundError(f"{ref}: no such model {where} (no tags of {ref.name!r})")
+        shown = ", ".join(tags[:_TAGS_SHOWN]) + (f" and {len(tags) - _TAGS_SHOWN} more" if len(tags) > _TAGS_SHOWN
+                                                  else "")
+        return NotFoundError(f"{ref}: no such model {where}; tags of {ref.name!r}: {shown}")
 
     def get_manifest(self, manifest_id: str) -> Manifest:
         check_object_id(manifest_id, "manifest id")
@@ -147,6 +168,22 @@ class Repository:
         if not self.store.exists(manifest_key(manifest_id)):
             raise NotFoundError(f"{ref}: manifest {manifest_id} is not in the store")
         self.store.put(ref.key, manifest_id.encode() + b"\n")
+
+    def tag(self, src: Ref, dst: Ref) -> str:
+        """Point ``dst`` at the manifest ``src`` points at (``dst`` is created or moved); returns that id."""
+        manifest_id = self.resolve(src)
+        self.set_ref(dst, manifest_id)
+        return manifest_id
+
+    def delete_ref(self, ref: Ref) -> str:
+        """Remove ``ref`` (only the ref: gc reclaims what no other ref reaches); returns the manifest id it named.
+
+        Read then delete, not atomic: a push that moves the ref in between loses its update, like
+        two pushes racing on a store without conditional writes (docs/design.md).
+        """
+        manifest_id = self.resolve(ref)
+        self.store.delete(ref.key)
+        return manifest_id
 
 
 def resolve_ref_text(source: ModelSource, text: str) -> tuple[Ref, str, Manifest]:

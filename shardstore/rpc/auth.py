@@ -1,7 +1,7 @@
 """Access control: bearer tokens with scopes, and which RPC needs which scope.
 
 A token table maps tokens to grants. An entry is ``token:scope[:prefix]``:
-``scope`` is ``read`` or ``write`` (write implies read), ``prefix`` limits the
+``scope`` is ``read``, ``write`` or ``delete`` (each implies the ones before it), ``prefix`` limits the
 grant to models whose name starts with it (plain string prefix; end it with
 ``/`` to mean a namespace). A token may appear in several entries; its grants
 add up. Entries come from ``SHARDSTORE_TOKENS`` (comma-separated) or a tokens
@@ -43,10 +43,15 @@ class PermissionDeniedError(ShardstoreError, PermissionError):
 
 
 class Scope(enum.IntEnum):
-    """Ordered: a grant of a higher scope covers every lower one (write implies read)."""
+    """Ordered: a grant of a higher scope covers every lower one (delete implies write implies read).
+
+    ``delete`` (removing refs: ``shardstore rm``) is above ``write`` so that the tokens CI pushes
+    with cannot drop a model: only a token given that scope on purpose can.
+    """
 
     READ = 1
     WRITE = 2
+    DELETE = 3
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,8 @@ def parse_entry(text: str, where: str) -> tuple[str, Grant]:
     try:
         scope = Scope[scope_text.strip().upper()]
     except KeyError:
-        raise InvalidInputError(f"{where}: unknown scope {scope_text.strip()!r} (expected read or write)") from None
+        raise InvalidInputError(f"{where}: unknown scope {scope_text.strip()!r} "
+                                "(expected read, write or delete)") from None
     prefix = prefix.strip()
     if any(c.isspace() or c in ",:" for c in prefix):
         raise InvalidInputError(f"{where}: bad model prefix {prefix!r}")
@@ -177,6 +183,7 @@ REGISTRY_RULES: dict[str, Rule] = {
     "UploadObjects": Rule(Scope.WRITE),
     "PutManifest": Rule(Scope.WRITE),
     "SetRef": Rule(Scope.WRITE, name_field="name"),
+    "DeleteRef": Rule(Scope.DELETE, name_field="name"),
 }
 
 # Health stays open so that load balancers and Kubernetes probes need no secret; it tells

@@ -456,6 +456,23 @@ class GrpcClient:
 
         return self._retrying(f"set ref {ref}", call)
 
+    def delete_ref(self, ref: Ref) -> str:
+        """Remove ``ref`` on the server (``delete`` scope); returns the manifest id it pointed at."""
+        request = pb.DeleteRefRequest(name=ref.name, tag=ref.tag)
+
+        def call() -> str:
+            response = self._stub.DeleteRef(request, **self._unary_options)
+            self._count(response.ByteSize())
+            return str(response.manifest_id)
+
+        return check_object_id(self._retrying(f"remove {ref}", call), f"manifest id of {ref}")
+
+    def tag(self, src: Ref, dst: Ref) -> str:
+        """Point ``dst`` at the manifest ``src`` points at: ResolveRef (read) then SetRef (write)."""
+        manifest_id = self.resolve(src)
+        self.compare_and_set_ref(dst, manifest_id, None)
+        return manifest_id
+
     def list_refs(self, name_prefix: str = "") -> list[tuple[Ref, str]]:
         def call() -> list[tuple[Ref, str]]:
             response = self._stub.ListRefs(pb.ListRefsRequest(name_prefix=name_prefix), **self._unary_options)

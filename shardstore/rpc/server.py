@@ -81,6 +81,10 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
+# What remote clients read in place of the store's URL, folder or bucket (RegistryServicer.public_message).
+_STORE_LABEL = "the server's store"
+
+
 class HotShardCache:
     """An LRU of verified shard bytes, bounded in bytes. Called from the event loop thread only."""
 
@@ -170,13 +174,25 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def _run(self, func: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._io, func, *args)
 
-    @staticmethod
-    async def _abort(context: grpc.aio.ServicerContext, exc: ShardstoreError) -> None:
+    def public_message(self, exc: ShardstoreError) -> str:
+        """The error as a remote client may read it: where the store lives (a path, a bucket) is the operator's.
+
+        Store errors name the store's URL, root folder or bucket; clients get "the server's store"
+        instead, and the server's own log keeps the full message.
+        """
+        text = str(exc)
+        store = self.repo.store
+        private = [store.url, str(getattr(store, "root", "") or ""), str(getattr(store, "bucket", "") or "")]
+        for secret in sorted({p for p in private if len(p) > 1}, key=len, reverse=True):
+            text = text.replace(secret, _STORE_LABEL)
+        return text
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: ShardstoreError) -> None:
         code = code_for(exc)
         if code is grpc.StatusCode.UNAVAILABLE:
             log.warning("store failure: %s", exc)
         context.set_trailing_metadata(error_metadata(exc))
-        await context.abort(code, str(exc))
+        await context.abort(code, self.public_message(exc))
 
     @staticmethod
     def _check_deadline(context: grpc.aio.ServicerContext) -> None:
@@ -395,6 +411,17 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                 return previous
 
             return pb.SetRefResponse(previous_manifest_id=await self._run(set_ref))
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    async def DeleteRef(self, request: pb.DeleteRefRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.DeleteRefResponse:
+        try:
+            ref = parse_ref(f"{request.name}:{request.tag or DEFAULT_TAG}")
+            manifest_id = await self._run(self.repo.delete_ref, ref)
+            log.info("removed ref %s (was %s)", ref, manifest_id)
+            return pb.DeleteRefResponse(manifest_id=manifest_id)
         except ShardstoreError as exc:
             await self._abort(context, exc)
             raise AssertionError("unreachable") from None

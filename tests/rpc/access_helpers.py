@@ -24,7 +24,8 @@ READ_TOKEN = "read-token-0123456789abcdef"
 WRITE_TOKEN = "write-token-0123456789abcdef"
 TEAM_TOKEN = "team-token-0123456789abcdef"  # write, but only models under team/
 UNKNOWN_TOKEN = "unknown-token-0123456789abcdef"
-TOKENS = f"{READ_TOKEN}:read,{WRITE_TOKEN}:write,{TEAM_TOKEN}:write:team/"
+DELETE_TOKEN = "delete-token-0123456789abcdef"  # may also remove refs (shardstore rm)
+TOKENS = f"{READ_TOKEN}:read,{WRITE_TOKEN}:write,{TEAM_TOKEN}:write:team/,{DELETE_TOKEN}:delete"
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import shardstore
 from rpc.access_helpers import (
+    DELETE_TOKEN,
     READ_TOKEN,
     TEAM_TOKEN,
     TOKENS,
@@ -138,6 +139,7 @@ def _calls(stub: pb_grpc.RegistryStub, shard_id: str, manifest_id: str) -> dict[
         "PutManifest": lambda md: stub.PutManifest(pb.PutManifestRequest(manifest=b"{}"), metadata=md),
         "SetRef": lambda md: stub.SetRef(pb.SetRefRequest(name="small", tag="v2", manifest_id=manifest_id),
                                          metadata=md),
+        "DeleteRef": lambda md: stub.DeleteRef(pb.DeleteRefRequest(name="small", tag="absent"), metadata=md),
     }
 
 
@@ -164,13 +166,18 @@ def test_every_rpc_checks_the_token_and_its_scope(guarded: BackgroundServer, sto
             assert _code(call, _bearer(UNKNOWN_TOKEN)) is grpc.StatusCode.UNAUTHENTICATED, name
             assert _code(call, (("authorization", f"Basic {READ_TOKEN}"),)) is grpc.StatusCode.UNAUTHENTICATED, name
             with_read = _code(call, _bearer(READ_TOKEN))
-            if REGISTRY_RULES[name].scope is Scope.WRITE:
+            if REGISTRY_RULES[name].scope > Scope.READ:
                 assert with_read is grpc.StatusCode.PERMISSION_DENIED, name
             else:
                 assert with_read is not grpc.StatusCode.PERMISSION_DENIED, name
-            # A write token gets past the gate: whatever comes back is the handler's answer, not a refusal.
-            assert _code(call, _bearer(WRITE_TOKEN)) not in (grpc.StatusCode.UNAUTHENTICATED,
-                                                                grpc.StatusCode.PERMISSION_DENIED), name
+            with_write = _code(call, _bearer(WRITE_TOKEN))
+            if REGISTRY_RULES[name].scope is Scope.DELETE:  # pushing tokens cannot remove models
+                assert with_write is grpc.StatusCode.PERMISSION_DENIED, name
+                # A delete token gets past the gate: NOT_FOUND is the handler's answer (no such tag).
+                assert _code(call, _bearer(DELETE_TOKEN)) is grpc.StatusCode.NOT_FOUND, name
+            else:
+                # A write token gets past the gate: whatever comes back is the handler's answer, not a refusal.
+                assert with_write not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED), name
     assert guarded.registry is not None and guarded.registry.guard is not None
     assert guarded.registry.guard.in_flight == 0
 

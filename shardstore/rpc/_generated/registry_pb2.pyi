@@ -160,3 +160,17 @@ class ListRefsResponse(_message.Message):
     REFS_FIELD_NUMBER: _ClassVar[int]
     refs: _containers.RepeatedCompositeFieldContainer[RefEntry]
     def __init__(self, refs: _Optional[_Iterable[_Union[RefEntry, _Mapping]]] = ...) -> None: ...
+
+class DeleteRefRequest(_message.Message):
+    __slots__ = ("name", "tag")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tag: str
+    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+
+class DeleteRefResponse(_message.Message):
+    __slots__ = ("manifest_id",)
+    MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
+    manifest_id: str
+    def __init__(self, manifest_id: _Optional[str] = ...) -> None: ...

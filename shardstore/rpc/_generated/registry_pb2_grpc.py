@@ -80,6 +80,11 @@ class RegistryStub:
                 request_serializer=shardstore_dot_v1_dot_registry__pb2.ListRefsRequest.SerializeToString,
                 response_deserializer=shardstore_dot_v1_dot_registry__pb2.ListRefsResponse.FromString,
                 _registered_method=True)
+        self.DeleteRef = channel.unary_unary(
+                '/shardstore.v1.Registry/DeleteRef',
+                request_serializer=shardstore_dot_v1_dot_registry__pb2.DeleteRefRequest.SerializeToString,
+                response_deserializer=shardstore_dot_v1_dot_registry__pb2.DeleteRefResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -160,6 +165,17 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteRef(self, request, context):
+        """Remove a ref (shardstore rm). Only the ref goes: the manifest, shards and
+        blobs stay until gc finds that no other ref reaches them. Needs the
+        "delete" token scope on the model's name (docs/security.md). NOT_FOUND,
+        listing the name's tags, when the ref does not exist. Retagging needs no
+        RPC of its own: ResolveRef on the source, then SetRef on the destination.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +223,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ListRefs,
                     request_deserializer=shardstore_dot_v1_dot_registry__pb2.ListRefsRequest.FromString,
                     response_serializer=shardstore_dot_v1_dot_registry__pb2.ListRefsResponse.SerializeToString,
+            ),
+            'DeleteRef': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRef,
+                    request_deserializer=shardstore_dot_v1_dot_registry__pb2.DeleteRefRequest.FromString,
+                    response_serializer=shardstore_dot_v1_dot_registry__pb2.DeleteRefResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -452,6 +473,33 @@ class Registry:
             '/shardstore.v1.Registry/ListRefs',
             shardstore_dot_v1_dot_registry__pb2.ListRefsRequest.SerializeToString,
             shardstore_dot_v1_dot_registry__pb2.ListRefsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRef(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardstore.v1.Registry/DeleteRef',
+            shardstore_dot_v1_dot_registry__pb2.DeleteRefRequest.SerializeToString,
+            shardstore_dot_v1_dot_registry__pb2.DeleteRefResponse.FromString,
             options,
             channel_credentials,
             insecure,
