@@ -8,6 +8,7 @@ for bad usage); a traceback means a bug in shardstore.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -47,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise InvalidInputError("--storage-option applies to stores, not to grpc:// servers")
             args.store = open_store(args.store, **options)
         args.func(args)
+        sys.stdout.flush()  # inside the try: a reader that went away is seen here, not at interpreter exit
+    except BrokenPipeError:
+        return _stdout_closed()
     except ShardstoreError as exc:
         print(f"shardstore {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -57,4 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"shardstore {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
+    return 0
+
+
+def _stdout_closed() -> int:
+    """``shardstore inspect ... | head``: the reader has what it wanted; end quietly, as unix tools do.
+
+    stdout is pointed at /dev/null so that the interpreter's final flush of what is still
+    buffered does not fail again at exit (the recipe in Python's signal module docs).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
     return 0

@@ -94,7 +94,8 @@ def cmd_ls(args: argparse.Namespace) -> None:
         for ref, manifest_id in repo.list_refs():
             manifest = repo.get_manifest(manifest_id)
             models.append({"ref": str(ref), "manifest_id": manifest_id, "raw_bytes": manifest.raw_bytes,
-                           "stored_bytes": manifest.stored_bytes, "tensors": len(manifest.tensors)})
+                           "stored_bytes": manifest.stored_bytes, "tensors": len(manifest.tensors),
+                           "created": manifest.created})
     finally:
         if hasattr(repo, "close"):
             repo.close()
@@ -103,15 +104,20 @@ def cmd_ls(args: argparse.Namespace) -> None:
         if not models:
             return f"no models in {url}"
         width = max(len(m["ref"]) for m in models)
-        lines = [f"{'REF':<{width}}  MANIFEST      TENSORS        RAW     STORED"]
+        lines = [f"{'REF':<{width}}  MANIFEST      CREATED (UTC)     TENSORS        RAW     STORED"]
         lines += [
-            f"{m['ref']:<{width}}  {m['manifest_id'][:12]}  {m['tensors']:>7}  {human_bytes(m['raw_bytes']):>9}  "
-            f"{human_bytes(m['stored_bytes']):>9}"
+            f"{m['ref']:<{width}}  {m['manifest_id'][:12]}  {_created_text(m['created']):<16}  {m['tensors']:>7}  "
+            f"{human_bytes(m['raw_bytes']):>9}  {human_bytes(m['stored_bytes']):>9}"
             for m in models
         ]
         return "\n".join(lines)
 
     emit(args, {"store": url, "models": models}, human)
+
+
+def _created_text(created: str | None) -> str:
+    """``2026-01-31 12:00`` for the ls table; ``-`` for manifests made before they carried a time."""
+    return created[:16].replace("T", " ") if created else "-"
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -131,7 +137,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
     def human() -> str:
         width = max((len(n) for n in info["tensors"]), default=4)
-        lines = [f"{info['ref']}  manifest {manifest_id}",
+        created = f"  created {_created_text(info['created'])} UTC" if info["created"] else ""
+        lines = [f"{info['ref']}  manifest {manifest_id}{created}",
                  f"{'TENSOR':<{width}}  {'DTYPE':<7} {'SHAPE':<16} {'RAW':>10} {'STORED':>10} {'RATIO':>6}  "
                  f"{'SNR dB':>6}  {'CODEC':<34} SHARDS"]
         for name, t in info["tensors"].items():

@@ -15,6 +15,9 @@ A manifest pushed with ``--base`` also has, only then: ``"base_shards": [SHARD_I
 sums them) and, on a piece stored as an XOR against the base's same piece,
 ``"base": {"shard", "stream"[, "base": ...]}`` (``docs/sparse-delta.md``).
 
+A manifest may carry ``"created": "YYYY-MM-DDTHH:MM:SSZ"`` (UTC, RFC 3339, whole seconds): when
+its push made it. Absent, not null, in manifests made before it existed, which keep their ids.
+
 ``files`` lists the safetensors files of the model in the order they were
 pushed, each with the blob id of its original header bytes, so a pull writes
 byte-identical files. ``blobs`` are the other files (config.json, tokenizer...).
@@ -23,6 +26,7 @@ byte-identical files. ``blobs`` are the other files (config.json, tokenizer...).
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +38,9 @@ from shardstore.format.dtypes import ITEMSIZE, nbytes
 from shardstore.format.safetensors_io import checked_nbytes
 
 MANIFEST_FORMAT = "shardstore.manifest.v1"
+# The optional "created" time: UTC, whole seconds (strftime format and the pattern parsing accepts).
+CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_CREATED = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 MAX_MANIFEST_BYTES = 256 << 20
 # The optional per-tensor "quality" of a lossy tensor (``shardstore.repo.quality``); null = infinite.
 QUALITY_KEYS = ("max_abs_error", "rel_rmse", "snr_db")
@@ -132,6 +139,8 @@ class Manifest:
     # The shards of ``shards`` that the base model already stored: a delta manifest lists every
     # shard it needs (so verify, gc and copies see them) but costs only the others.
     base_shards: frozenset[str] = frozenset()
+    # When the push made this manifest (CREATED_FORMAT, UTC); None for manifests older than the field.
+    created: str | None = None
     _bytes: bytes = field(default=b"", compare=False, repr=False)
 
     @property
@@ -174,6 +183,8 @@ class Manifest:
                 "files": len(self.files) + len(self.blobs),
             },
         }
+        if self.created is not None:  # absent when unknown: older manifests keep their bytes and ids
+            doc["created"] = self.created
         if self.base_shards:  # absent when empty: manifests without a base keep their bytes and ids
             doc["base_shards"] = sorted(self.base_shards)
             doc["totals"]["base_bytes"] = sum(self.shards[shard] for shard in self.base_shards)
@@ -330,4 +341,9 @@ def parse_manifest(data: bytes, manifest_id: str | None = None) -> Manifest:
         raise FormatError(f"{what}: base_shards must list shards of the manifest")
     if base_shards and base is None:
         raise FormatError(f"{what}: base_shards without a base")
-    return Manifest(tensors, tuple(files), blobs, dict(shards), base, frozenset(base_shards), bytes(data))
+    created = doc.get("created")
+    # Present means a time: null would make a manifest whose rebuilt bytes drop the key, another id.
+    if "created" in doc and not (isinstance(created, str) and _CREATED.fullmatch(created)):
+        raise FormatError(f"{what}: created must be a UTC time like 2026-01-31T12:00:00Z, not {created!r}")
+    return Manifest(tensors, tuple(files), blobs, dict(shards), base, frozenset(base_shards), created=created,
+                    _bytes=bytes(data))

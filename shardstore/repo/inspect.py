@@ -57,6 +57,7 @@ def describe(manifest: Manifest, ref: str, manifest_id: str) -> dict[str, Any]:
     return {
         "ref": ref,
         "manifest_id": manifest_id,
+        "created": manifest.created,
         "raw_bytes": manifest.raw_bytes,
         "stored_bytes": manifest.stored_bytes,
         "ratio": _ratio(manifest.stored_bytes, manifest.raw_bytes),

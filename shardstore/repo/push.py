@@ -11,15 +11,24 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec, PieceInfo, Pipeline, codec_from_name
 from shardstore.codecs.sparse import prefer_sparse
-from shardstore.errors import InvalidInputError
+from shardstore.errors import InvalidInputError, NotFoundError
+from shardstore.format import canonical_json
 from shardstore.format.digest import digest
-from shardstore.format.manifest import BlobRecord, FileRecord, Manifest, PieceBase, PieceRef, TensorRecord
+from shardstore.format.manifest import (
+    CREATED_FORMAT,
+    BlobRecord,
+    FileRecord,
+    Manifest,
+    PieceBase,
+    PieceRef,
+    TensorRecord,
+)
 from shardstore.format.shard import StreamHeader, build_shard
 from shardstore.progress import Progress
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES, PiecePlan, TensorSpec, plan_shards
@@ -31,6 +40,9 @@ from shardstore.repo.policy import Policy
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.quality import ErrorStats, encode_stream
 from shardstore.repo.refs import Ref
+
+# The reproducible-builds convention: when set, pushes date their manifests at this time, not now.
+SOURCE_DATE_EPOCH_ENV = "SOURCE_DATE_EPOCH"
 
 
 class PushTarget(Protocol):
@@ -140,6 +152,7 @@ def push_model(
     without one every tensor gets ``codec``.
     """
     started = time.perf_counter()
+    created = creation_time()  # a bad $SOURCE_DATE_EPOCH fails before anything is written
     if isinstance(codec, str):
         codec = codec_from_name(codec)
     specs = [
@@ -188,7 +201,9 @@ def push_model(
     else:  # list the base's shards it reads too, so the manifest names everything it needs
         all_shards, base_shards = base.shards_needed(shard_sizes, (p for ps in pieces.values() for p in ps))
         manifest = Manifest(tensors, files, blobs, all_shards, base.manifest_id, base_shards)
-    manifest_id, manifest_bytes = target.put_manifest(manifest)
+    manifest = replace(manifest, created=created)
+    unchanged = _current_if_same(target, ref, manifest)
+    manifest_id, manifest_bytes = (unchanged, 0) if unchanged else target.put_manifest(manifest)
     target.set_ref(ref, manifest_id)
     return PushReport(
         ref=str(ref),
@@ -205,6 +220,39 @@ def push_model(
         base=str(base.ref) if base is not None else None,
         per_tensor={name: tensor_figures(manifest, name) for name in tensors},
     )
+
+
+def creation_time() -> str:
+    """Now as a manifest's ``created`` (UTC, whole seconds); ``$SOURCE_DATE_EPOCH`` if set (reproducible builds)."""
+    epoch = os.environ.get(SOURCE_DATE_EPOCH_ENV, "").strip()
+    try:
+        seconds = int(epoch) if epoch else time.time()
+    except ValueError:
+        raise InvalidInputError(f"${SOURCE_DATE_EPOCH_ENV}: expected seconds since 1970, not {epoch!r}") from None
+    return time.strftime(CREATED_FORMAT, time.gmtime(seconds))
+
+
+def _current_if_same(target: PushTarget, ref: Ref, manifest: Manifest) -> str | None:
+    """The id ``ref`` points at when that manifest is this one but for its creation time, else None.
+
+    Pushing the same model to the same ref again is then a no-op (same manifest id, nothing
+    written) instead of a new version that differs only in its date.
+    """
+    resolve, get_manifest = getattr(target, "resolve", None), getattr(target, "get_manifest", None)
+    if resolve is None or get_manifest is None:
+        return None
+    try:
+        current_id = resolve(ref)
+        current = get_manifest(current_id)
+    except NotFoundError:
+        return None
+    return str(current_id) if _without_time(current) == _without_time(manifest) else None
+
+
+def _without_time(manifest: Manifest) -> bytes:
+    doc = manifest.to_json()
+    doc.pop("created", None)
+    return canonical_json.dumps(doc)
 
 
 def _upload_files(

@@ -37,7 +37,9 @@ def test_second_push_uploads_nothing(minilm_dir: Path, local_store: LocalStore) 
     assert again.manifest_id == first.manifest_id
     assert again.uploaded_bytes == 0 and again.shards_uploaded == 0 and again.blobs_uploaded == 0
     renamed = shardstore.push(minilm_dir, "other/name:v9", store=local_store)
-    assert renamed.uploaded_bytes == 0  # the same model under another name is the same objects
+    # The same model under another name is the same objects; only its manifest (its own "created") is new.
+    manifest_bytes = len(local_store.get(f"manifests/{renamed.manifest_id}.json"))
+    assert renamed.shards_uploaded == renamed.blobs_uploaded == 0 and renamed.uploaded_bytes == manifest_bytes
 
 
 def test_changing_one_tensor_uploads_only_its_shards(
