@@ -57,6 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     ready_state: dict[str, str | None] = {}
     options: dict[str, Any] = {"cache_bytes": args.cache_size, "metrics": metrics, "http_port": args.http_port,
                                **access}
+    from shardstore.rpc.guard import CallLimits
+
+    options["limits"] = CallLimits(max_calls=args.max_calls, max_calls_per_peer=min(args.max_calls_per_peer,
+                                                                                    args.max_calls))
     if args.max_rate is not None:
         options["pace_bytes_per_s"] = args.max_rate
     try:
@@ -102,6 +106,11 @@ def register(commands: Commands) -> None:
     p.add_argument("--http-port", type=int, default=None, metavar="PORT",
                    help="also serve HTTP GETs of shards and blobs and the web view on HOST:PORT; 0 picks a free port "
                         "(default: off)")
+    p.add_argument("--max-calls", type=int, default=256, metavar="N",
+                   help="calls served at once; more wait for a retry (default 256). A call counts once its request "
+                        "is in, so clients that never send one take nothing (docs/security.md)")
+    p.add_argument("--max-calls-per-peer", type=int, default=64, metavar="N",
+                   help="calls served at once for one client address, so no client takes all (default 64)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log as text or as one JSON object per line; either way one line per call (default text)")
     p.add_argument("--require-token", action="store_true",

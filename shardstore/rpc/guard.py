@@ -1,12 +1,25 @@
 """The server's gate: every call passes through :class:`CallGuard`, a grpc.aio interceptor.
 
-It does three things that must hold for every RPC, streams included, so no
+It does four things that must hold for every RPC, streams included, so no
 handler can forget them:
 
-* **access control**: the bearer token is checked against the token table and
-  the method's rule (:mod:`shardstore.rpc.auth`) before the handler runs; for
-  calls that name a model, once the request is decoded; refs listed back are
+* **access control before any body is read**: the bearer token comes in the
+  call's headers; it is checked against the token table and the method's rule
+  (:mod:`shardstore.rpc.auth`) before a byte of the request is read, so a call
+  without a valid token ends at once and holds nothing; for calls that name a
+  model, the name is checked once the request is decoded; refs listed back are
   filtered to what the token may read;
+* **capacity is taken only by calls that are moving**: grpc reads a unary
+  call's request before its handler runs, and its own ``maximum_concurrent_rpcs``
+  counts a call from the moment its headers arrive, so calls that never send
+  their message would hold every slot. The guard therefore serves every method
+  as a streamed request and reads the first message itself: a call waits in a
+  bounded queue for its first message (at most ``first_message_timeout``; when
+  the queue is full the *oldest* waiter is dropped, so a flood of stalled calls
+  cannot lock newcomers out), and takes one of ``max_calls`` slots, and one of
+  ``max_calls_per_peer`` slots of its client address, only once that message
+  is in. Later messages of a streamed request must each come within
+  ``receive_timeout``;
 * **a stalled reader cannot pin a handler**: each message a server-streaming
   handler yields must be taken by the transport within ``send_timeout``
   seconds (a client that stops reading fills the HTTP/2 window and then the
@@ -22,18 +35,62 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import grpc
 
-from shardstore.errors import ShardstoreError
+from shardstore.errors import InvalidInputError, ShardstoreError
 from shardstore.rpc.auth import Rule, TokenTable, bearer_token, rule_for
 from shardstore.rpc.status import code_for, error_metadata
 
 log = logging.getLogger("shardstore.rpc.guard")
 
 DEFAULT_SEND_TIMEOUT_S = 60.0
+_END = object()  # a streamed request that ended before its first message
+
+
+@dataclass(frozen=True)
+class CallLimits:
+    """How much of the server calls may take, and for how long they may keep it without moving."""
+
+    # Calls running at once (their request received), server-wide and per client address. The
+    # per-peer share keeps one client (or one attacker) from taking the capacity others need.
+    max_calls: int = 256
+    max_calls_per_peer: int = 64
+    # Calls whose first message has not arrived yet. They cost grpc's call state and nothing else;
+    # past this many the oldest is dropped, so newcomers (who send at once) always get in.
+    max_waiting: int = 1024
+    # A client sends its request right after the headers; one that has not after this long never will.
+    first_message_timeout: float = 10.0
+    # Between two messages of a streamed request (uploads); like the client's idle timeout.
+    receive_timeout: float | None = 60.0
+
+    def __post_init__(self) -> None:
+        if min(self.max_calls, self.max_calls_per_peer, self.max_waiting) < 1 or self.first_message_timeout <= 0:
+            raise InvalidInputError("call limits must be positive")
+
+    @property
+    def grpc_ceiling(self) -> int:
+        """grpc's own concurrent-call limit: a safety net far above what the guard lets through."""
+        return 2 * (self.max_calls + self.max_waiting)
+
+
+def peer_address(peer: str | None) -> str:
+    """The client's address without its port (``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``): limits are per host."""
+    if not peer:
+        return "unknown"
+    kind, _sep, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and ":" in rest:
+        return f"{kind}:{rest.rpartition(':')[0]}"
+    return peer
+
+
+async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # abort raises
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: ShardstoreError) -> None:
@@ -52,14 +109,20 @@ async def _maybe_await(value: Any) -> Any:
 
 
 class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Access control, send timeouts and an in-flight count for every call of one server."""
+    """Access control, call limits, send and receive timeouts and an in-flight count for every call of one server."""
 
     def __init__(self, registry_service: str, tokens: TokenTable | None = None,
-                 send_timeout: float | None = DEFAULT_SEND_TIMEOUT_S) -> None:
+                 send_timeout: float | None = DEFAULT_SEND_TIMEOUT_S, limits: CallLimits | None = None) -> None:
         self.registry_service = registry_service
         self.tokens = tokens
         self.send_timeout = send_timeout
-        self.in_flight = 0
+        self.limits = limits or CallLimits()
+        self.in_flight = 0  # every call inside the guard, waiting or running
+        self.running = 0  # calls holding a slot
+        self.dropped_waiting = 0  # calls dropped because the waiting queue was full
+        self._per_peer: Counter[str] = Counter()
+        self._waiting: OrderedDict[int, asyncio.Future[Any]] = OrderedDict()
+        self._next_waiter = 0
 
     async def intercept_service(
         self,
@@ -104,62 +167,111 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         finally:
             self.in_flight -= 1
 
-    async def _admit(self, context: grpc.aio.ServicerContext, token: str | None, rule: Rule | None,
-                     refused: ShardstoreError | None, request: Any = None) -> None:
-        """Abort the call unless its token may make it (and, given a request, may touch the model it names)."""
-        if refused is not None:
-            await _abort(context, refused)
-        if request is not None:
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for their first message."""
+        return len(self._waiting)
+
+    async def _first_message(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        """The call's first request message (or ``_END``), read while the call waits in the bounded queue."""
+        read: asyncio.Future[Any] = asyncio.ensure_future(requests.__anext__())
+        waiter = self._next_waiter
+        self._next_waiter += 1
+        self._waiting[waiter] = read
+        while len(self._waiting) > self.limits.max_waiting:
+            _oldest, stalled = self._waiting.popitem(last=False)
+            stalled.cancel()  # its call is refused below, in its own task
+            self.dropped_waiting += 1
+        try:
+            done, _pending = await asyncio.wait({read}, timeout=self.limits.first_message_timeout)
+        except BaseException:
+            _drop(read)
+            raise
+        finally:
+            self._waiting.pop(waiter, None)
+        if not done:
+            _drop(read)
+            await _refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"no request within {self.limits.first_message_timeout:g} s of the call's headers")
+        if read.cancelled():
+            await _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          "server busy: too many calls waiting for their request; retry")
+        try:
+            return read.result()
+        except StopAsyncIteration:
+            return _END
+
+    async def _take_slot(self, context: grpc.aio.ServicerContext, peer: str) -> None:
+        if self.running >= self.limits.max_calls:
+            await _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"server busy: {self.limits.max_calls} calls in progress; retry")
+        if self._per_peer[peer] >= self.limits.max_calls_per_peer:
+            await _refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many calls at once from {peer} (at most {self.limits.max_calls_per_peer}); retry")
+        self.running += 1
+        self._per_peer[peer] += 1
+
+    def _free_slot(self, peer: str) -> None:
+        self.running -= 1
+        self._per_peer[peer] -= 1
+        if self._per_peer[peer] <= 0:
+            del self._per_peer[peer]
+
+    async def _rest(self, first: Any, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                    ) -> AsyncIterator[Any]:
+        """A streamed request from its first message on, each later one within the receive timeout."""
+        if first is _END:
+            return
+        yield first
+        timeout = self.limits.receive_timeout
+        while True:
             try:
-                self._check(token, rule, request)
-            except ShardstoreError as exc:
-                await _abort(context, exc)
+                async with asyncio.timeout(timeout):
+                    message = await requests.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                await _refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no request message for {timeout:g} s; call dropped")
+            yield message
 
     def _wrap(self, handler: grpc.RpcMethodHandler, token: str | None, rule: Rule | None,
               refused: ShardstoreError | None) -> grpc.RpcMethodHandler:
+        """Serve the method as a streamed request, so that nothing is read before the guard decides."""
         guard = self
         codec = {"request_deserializer": handler.request_deserializer,
                  "response_serializer": handler.response_serializer}
+        unary_request = not handler.request_streaming
+        inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-
-            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                with guard._counted():
-                    await guard._admit(context, token, rule, refused, request)
-                    return guard._filter_refs(token, rule, await _maybe_await(inner_uu(request, context)))
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
-
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
-                with guard._counted():
-                    await guard._admit(context, token, rule, refused, request)
-                    await guard._relay(inner_us(request, context), context)
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
-
-        # Streamed requests (uploads) carry content-addressed objects and name no model: the scope is the check.
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                with guard._counted():
-                    await guard._admit(context, token, rule, refused)
-                    return await _maybe_await(inner_su(requests, context))
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
-
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+        async def call(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
             with guard._counted():
-                await guard._admit(context, token, rule, refused)
-                await guard._relay(inner_ss(requests, context), context)
+                if refused is not None:
+                    await _abort(context, refused)  # no token, or not enough: nothing is read, nothing held
+                first = await guard._first_message(requests, context)
+                if unary_request and first is _END:
+                    await _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "the call carried no request message")
+                peer = peer_address(context.peer())
+                await guard._take_slot(context, peer)
+                try:
+                    if unary_request:
+                        try:
+                            guard._check(token, rule, first)
+                        except ShardstoreError as exc:
+                            await _abort(context, exc)
+                        produced = inner(first, context)
+                    else:
+                        produced = inner(guard._rest(first, requests, context), context)
+                    if handler.response_streaming:
+                        await guard._relay(produced, context)
+                        return None
+                    return guard._filter_refs(token, rule, await _maybe_await(produced))
+                finally:
+                    guard._free_slot(peer)
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(call, **codec)
+        return grpc.stream_unary_rpc_method_handler(call, **codec)
 
     async def _relay(self, produced: Any, context: grpc.aio.ServicerContext) -> None:
         """Write what a streaming handler yields, each message within the send timeout."""

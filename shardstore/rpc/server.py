@@ -47,7 +47,7 @@ from shardstore.repo.repository import Repository, blob_key, manifest_key, shard
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
 from shardstore.rpc.auth import TokenTable
-from shardstore.rpc.guard import DEFAULT_SEND_TIMEOUT_S, CallGuard
+from shardstore.rpc.guard import DEFAULT_SEND_TIMEOUT_S, CallGuard, CallLimits
 from shardstore.rpc.logs import RequestObserver, log_request
 from shardstore.rpc.metrics import ServerMetrics
 from shardstore.rpc.status import code_for, error_metadata
@@ -468,6 +468,7 @@ def create_server(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     pace_bytes_per_s: float | None = None,
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
+    limits: CallLimits | None = None,
     servicer: RegistryServicer | None = None,
     tokens: TokenTable | None = None,
     tls: ServerTls | None = None,
@@ -480,6 +481,8 @@ def create_server(
     ``tokens``: every call needs a bearer token with the right scope (None: open). ``tls``: TLS only, no
     plaintext port. ``send_timeout``: a stream whose client takes no message for that long is ended.
     ``http_port``: also listen for HTTP GETs and the web view on ``host:http_port`` (0: a free port; None: off).
+    ``limits``: calls at once, per client address, waiting for their request (:class:`CallLimits`);
+    ``max_concurrent_rpcs`` is the shorthand for its ``max_calls``.
     """
     options = [
         ("grpc.max_send_message_length", _MESSAGE_LIMIT),
@@ -488,12 +491,17 @@ def create_server(
         ("grpc.so_reuseport", 0),
         *KEEPALIVE_OPTIONS,
     ]
-    guard = CallGuard(SERVICE_NAME, tokens, send_timeout)
+    if limits is None:
+        limits = CallLimits(max_calls=max_concurrent_rpcs,
+                            max_calls_per_peer=min(CallLimits.max_calls_per_peer, max_concurrent_rpcs))
+    guard = CallGuard(SERVICE_NAME, tokens, send_timeout, limits)
     servicer = servicer or RegistryServicer(store, cache_bytes=cache_bytes, pace_bytes_per_s=pace_bytes_per_s,
                                             metrics=metrics)
     # The observer goes first (outermost): calls the guard refuses are counted and logged too.
     observer = RequestObserver([servicer.metrics.observe, log_request])
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=max_concurrent_rpcs,
+    # The guard does the limiting (it counts a call only once its request is in: rpc/guard.py); grpc's own
+    # limit, which counts calls from their headers on, is only a ceiling far above it.
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.grpc_ceiling,
                              interceptors=[observer, guard])
     pb_grpc.add_RegistryServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
