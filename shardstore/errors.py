@@ -28,6 +28,10 @@ class FormatError(ShardstoreError, ValueError):
     """A shard, manifest or safetensors file violates its format."""
 
 
+class UnsupportedFormatError(FormatError):
+    """A store, manifest or shard is of a version or uses a feature this shardstore does not know."""
+
+
 class IntegrityError(ShardstoreError):
     """Stored or transferred bytes do not match their digest or checksum."""
 

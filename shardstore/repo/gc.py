@@ -160,6 +160,8 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE_S, dry_run: bool =
     """Delete every object no ref reaches that is older than ``grace`` seconds; see the module doc."""
     started = time.perf_counter()
     store = repo.store
+    # gc deletes: a store whose format (or write features) this program does not know is left alone.
+    repo.check_readable() if dry_run else repo.check_writable()
     report = GcReport(store=store.url, dry_run=dry_run, grace_s=grace)
     if dry_run:
         report.pushes_in_flight = len(live_leases(store, "push"))

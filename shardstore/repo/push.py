@@ -48,6 +48,10 @@ SOURCE_DATE_EPOCH_ENV = "SOURCE_DATE_EPOCH"
 class PushTarget(Protocol):
     """Where a push writes: a repository over a store, or a server."""
 
+    def check_writable(self) -> object:
+        """Refuse (one line) before anything is written when the store's format is not one this program writes."""
+        ...
+
     def put_shard(self, shard_id: str, data: bytes | memoryview) -> bool: ...
 
     def put_blob(self, data: bytes) -> tuple[str, bool]: ...
@@ -299,6 +303,7 @@ def push(
     gc never deletes an object it found already stored and skipped (DESIGN invariant 6).
     """
     model = scan_model(src)
+    target.check_writable()  # before the lease: a store of a newer format gets nothing written, not even that
     with push_lease(target, f"push {ref}"):
         return push_model(model, ref, target, **options)
 

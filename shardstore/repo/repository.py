@@ -4,6 +4,11 @@
     blobs/<id[:2]>/<id>      non-tensor files, immutable
     manifests/<id>.json      immutable
     refs/<name>/<tag>        mutable: the manifest id
+    leases/<kind>-<uuid>.json  mutable: pushes and gc in flight (``shardstore.repo.leases``)
+    config                   the store's format version and features (``shardstore.format.store_config``)
+
+Every read first checks the store's ``config`` (once per repository), every write
+also its write features, and the first write into a store without one writes it.
 
 :class:`ModelSource` is what pull and the lazy loader read from; a repository
 over a store is one, the gRPC client is another.
@@ -18,6 +23,13 @@ from typing import Protocol
 from shardstore.errors import IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
+from shardstore.format.store_config import (
+    CONFIG_KEY,
+    StoreConfig,
+    legacy_store_config,
+    new_store_config,
+    parse_store_config,
+)
 from shardstore.repo.pool import ordered_map
 from shardstore.repo.refs import Ref, parse_ref, ref_from_key
 from shardstore.store.base import Store
@@ -64,6 +76,8 @@ class Repository:
         self.store = store
         self._transferred = 0
         self._lock = threading.Lock()
+        self._config: StoreConfig | None = None
+        self._writable = False
 
     @property
     def concurrency(self) -> int:
@@ -77,9 +91,51 @@ class Repository:
     def transferred_bytes(self) -> int:
         return self._transferred
 
+    # -- the store's format -----------------------------------------------------
+
+    def _read_config(self) -> StoreConfig:
+        try:
+            data = self.store.get(CONFIG_KEY)
+        except NotFoundError:
+            return legacy_store_config()  # made before config existed: version 1, no features
+        return parse_store_config(data, self.store.url)
+
+    def check_readable(self) -> StoreConfig:
+        """The store's config, once checked that this program can read the store (one request, then cached).
+
+        Raises :class:`~shardstore.errors.UnsupportedFormatError` for a newer version or an unknown read feature.
+        """
+        config = self._config
+        if config is None:
+            config = self._read_config()
+            config.check_readable(self.store.url)
+            self._config = config
+        return config
+
+    def check_writable(self) -> StoreConfig:
+        """Like :meth:`check_readable`, also for writing; a store without a config gets one here (first push)."""
+        if self._writable and self._config is not None:
+            return self._config
+        with self._lock:
+            config = self.check_readable()
+            config.check_writable(self.store.url)
+            if config.legacy:
+                fresh = new_store_config()
+                # Canonical bytes, so two first pushes racing write the same object; if another
+                # program's config got there first, that one is what counts: check it again.
+                if not self.store.put_if_absent(CONFIG_KEY, fresh.to_bytes()):
+                    self._config = None
+                    config = self.check_readable()
+                    config.check_writable(self.store.url)
+                else:
+                    config = self._config = fresh
+            self._writable = True
+            return config
+
     # -- reads ------------------------------------------------------------------
 
     def resolve(self, ref: Ref) -> str:
+        self.check_readable()
         try:
             value = self.store.get(ref.key).decode("ascii", "replace").strip()
         except NotFoundError:
@@ -106,11 +162,13 @@ class Repository:
 
     def get_manifest(self, manifest_id: str) -> Manifest:
         check_object_id(manifest_id, "manifest id")
+        self.check_readable()
         data = self.store.get(manifest_key(manifest_id))
         self._count(len(data))
         return parse_manifest(data, manifest_id)
 
     def _get_verified(self, key: str, object_id: str, kind: str) -> bytes:
+        self.check_readable()
         data = self.store.get(key)
         self._count(len(data))
         if digest(data) != object_id:
@@ -135,6 +193,7 @@ class Repository:
         return [s for s in dict.fromkeys(shard_ids) if not self.has_shard(s)]
 
     def list_refs(self) -> list[tuple[Ref, str]]:
+        self.check_readable()
         refs: list[tuple[Ref, str]] = []
         for key in sorted(self.store.list("refs")):
             ref = ref_from_key(key)
@@ -149,14 +208,17 @@ class Repository:
 
     def put_shard(self, shard_id: str, data: bytes | memoryview) -> bool:
         """Write a shard unless present; returns whether bytes were written."""
+        self.check_writable()
         return self.store.put_if_absent(shard_key(shard_id), data)
 
     def put_blob(self, data: bytes) -> tuple[str, bool]:
+        self.check_writable()
         blob_id = digest(data)
         return blob_id, self.store.put_if_absent(blob_key(blob_id), data)
 
     def put_manifest(self, manifest: Manifest) -> tuple[str, int]:
         """Write the manifest once every shard and blob it names is in the store (invariant 2)."""
+        self.check_writable()
         data = manifest.to_bytes()
         manifest_id = digest(data)
         written = self.store.put_if_absent(manifest_key(manifest_id), data)
@@ -165,6 +227,7 @@ class Repository:
     def set_ref(self, ref: Ref, manifest_id: str) -> None:
         """Point ``ref`` at a manifest that is already stored (last step of a push)."""
         check_object_id(manifest_id, "manifest id")
+        self.check_writable()
         if not self.store.exists(manifest_key(manifest_id)):
             raise NotFoundError(f"{ref}: manifest {manifest_id} is not in the store")
         self.store.put(ref.key, manifest_id.encode() + b"\n")

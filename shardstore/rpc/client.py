@@ -411,6 +411,10 @@ class GrpcClient:
 
         self._retrying(f"upload {object_id}", call)
 
+    def check_writable(self) -> None:
+        """Nothing to do here: the server checks its own store's format on every write call and answers
+        FAILED_PRECONDITION (an :class:`~shardstore.errors.UnsupportedFormatError`) when it may not write it."""
+
     def put_shard(self, shard_id: str, data: bytes | memoryview) -> bool:
         """Upload a shard unless the server has it; returns whether bytes were sent."""
         if not self.find_missing(shard_ids=[shard_id])[0]:

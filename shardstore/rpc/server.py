@@ -155,6 +155,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     def __init__(self, store: Store, *, cache_bytes: int = DEFAULT_CACHE_BYTES, pace_bytes_per_s: float | None = None,
                  io_threads: int = DEFAULT_IO_THREADS, metrics: ServerMetrics | None = None) -> None:
         self.repo = Repository(store)
+        # A store of a newer format is refused when the server starts, not on a client's first call.
+        self.repo.check_readable()
         self.cache = HotShardCache(cache_bytes)
         self.pacer = Pacer(pace_bytes_per_s) if pace_bytes_per_s else None
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="shardstore-io")
@@ -166,6 +168,11 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self.metrics.watch(self)
         # Held while write calls keep coming, so gc never deletes what a client was told we have.
         self.write_lease = WriteLease(store)
+
+    def _begin_write(self) -> None:
+        """Every write call starts here: the store's format checked for writing (config written if absent)."""
+        self.repo.check_writable()
+        self.write_lease.hold()
 
     def close(self) -> None:
         self._io.shutdown(wait=False, cancel_futures=True)
@@ -306,7 +313,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             blobs = [check_object_id(b, "blob id") for b in request.blob_ids]
 
             def missing() -> tuple[list[str], list[str]]:
-                self.write_lease.hold()  # "already have it" is a promise until the client's ref is set
+                self._begin_write()  # "already have it" is a promise until the client's ref is set
                 store = self.repo.store
                 return ([s for s in shards if not store.exists(shard_key(s))],
                         [b for b in blobs if not store.exists(blob_key(b))])
@@ -329,7 +336,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             label = "shard" if kind == pb.OBJECT_KIND_SHARD else "blob"
 
             def verify_and_put() -> bool:
-                self.write_lease.hold()
+                self._begin_write()
                 if digest(data) != object_id:
                     raise IntegrityError(f"uploaded {label} {object_id}: content does not match its id; not stored")
                 return self.repo.store.put_if_absent(key, memoryview(data))
@@ -369,7 +376,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             manifest = await self._run(parse_manifest, request.manifest)
 
             def check_and_put() -> tuple[str, int]:
-                self.write_lease.hold()
+                self._begin_write()
                 store = self.repo.store
                 # Invariant 2: a manifest never points at a missing object.
                 for shard_id in manifest.shards:
@@ -394,7 +401,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             expected = request.expected_manifest_id if request.HasField("expected_manifest_id") else None
 
             def set_ref() -> str:
-                self.write_lease.hold()
+                self._begin_write()
                 store = self.repo.store
                 try:
                     previous = self.repo.resolve(ref)

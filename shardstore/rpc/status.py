@@ -19,6 +19,7 @@ from shardstore.errors import (
     NotFoundError,
     ShardstoreError,
     StoreError,
+    UnsupportedFormatError,
 )
 from shardstore.rpc.auth import AuthenticationError, PermissionDeniedError
 
@@ -31,6 +32,8 @@ _TO_CODE: tuple[tuple[type[ShardstoreError], grpc.StatusCode], ...] = (
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    # A store of a newer format: the request was fine, the server's store is not one it may touch.
+    (UnsupportedFormatError, grpc.StatusCode.FAILED_PRECONDITION),
     (FormatError, grpc.StatusCode.INVALID_ARGUMENT),
     (CodecError, grpc.StatusCode.INVALID_ARGUMENT),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),

@@ -31,6 +31,7 @@ from shardstore.format.dtypes import ITEMSIZE, nbytes
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.format.safetensors_io import SafetensorsHeader, build_header, parse_bytes
 from shardstore.format.shard import StreamHeader, build_shard, parse_shard
+from shardstore.format.store_config import new_store_config
 from shardstore.repo.refs import parse_ref
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
@@ -354,8 +355,11 @@ def test_grpc_requests_with_hostile_fields(registry: tuple[Any, MemoryStore], na
     chunk = pb.UploadChunk(kind=pb.OBJECT_KIND_SHARD, id=object_id, offset=0, total_size=len(manifest),
                            data=manifest)
     rpc_outcome(lambda: stub.UploadObjects(iter([chunk]), timeout=10))
-    # Whatever was asked, nothing but a correctly named, verified object can have been stored.
-    for key in sorted(k for k in store.list() if not k.startswith("leases/")):
+    # Whatever was asked, nothing but a correctly named, verified object can have been stored
+    # (besides leases, and the store's config that the first write call writes: ours, unchanged).
+    if store.exists("config"):
+        assert store.get("config") == new_store_config().to_bytes()
+    for key in sorted(k for k in store.list() if not k.startswith("leases/") and k != "config"):
         if key not in before:
             assert key.endswith(digest(store.get(key)))
 
