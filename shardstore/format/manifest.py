@@ -21,6 +21,14 @@ its push made it. Absent, not null, in manifests made before it existed, which k
 ``files`` lists the safetensors files of the model in the order they were
 pushed, each with the blob id of its original header bytes, so a pull writes
 byte-identical files. ``blobs`` are the other files (config.json, tokenizer...).
+
+Versioning (``docs/formats.md``): ``format`` names the major version, and a
+reader refuses one it does not know. Within v1 the format grows only by
+optional keys, absent when unused (so every existing manifest keeps its bytes
+and id), each with a changelog entry in ``docs/formats.md`` and a place in the
+key sets below. A reader refuses a key it does not know, naming it: a key can
+change what the bytes mean (``base`` did), and a manifest is what every decode
+trusts, so "parsed" must mean "understood".
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardstore.errors import FormatError, IntegrityError
+from shardstore.errors import FormatError, IntegrityError, UnsupportedFormatError
 from shardstore.format import canonical_json
 from shardstore.format.digest import HASH_NAME, digest, is_object_id
 from shardstore.format.dtypes import ITEMSIZE, nbytes
@@ -41,6 +49,16 @@ MANIFEST_FORMAT = "shardstore.manifest.v1"
 # The optional "created" time: UTC, whole seconds (strftime format and the pattern parsing accepts).
 CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _CREATED = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+FORMAT_FAMILY = "shardstore.manifest."
+# Every key a v1 manifest may hold, per object. A new optional key goes here *and* into the
+# changelog of docs/formats.md; anything else is refused by name (see the module doc).
+MANIFEST_KEYS = frozenset({"format", "hash", "base", "tensors", "files", "blobs", "shards", "totals", "base_shards",
+                           "created"})
+TENSOR_KEYS = frozenset({"dtype", "shape", "codec", "raw_bytes", "stored_bytes", "pieces", "quality"})
+PIECE_KEYS = frozenset({"shard", "stream", "rows", "stored_bytes", "base"})
+FILE_KEYS = frozenset({"path", "header", "metadata", "tensors"})
+BLOB_KEYS = frozenset({"id", "size"})
+TOTALS_KEYS = frozenset({"raw_bytes", "stored_bytes", "blob_bytes", "tensors", "shards", "files", "base_bytes"})
 MAX_MANIFEST_BYTES = 256 << 20
 # The optional per-tensor "quality" of a lossy tensor (``shardstore.repo.quality``); null = infinite.
 QUALITY_KEYS = ("max_abs_error", "rel_rmse", "snr_db")
@@ -226,6 +244,14 @@ class Manifest:
         return list(seen)
 
 
+def _known_keys(doc: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(set(doc) - allowed)
+    if unknown:
+        raise UnsupportedFormatError(
+            f"{where}: unknown field {unknown[0]!r} (written by a newer shardstore? docs/formats.md lists the fields "
+            f"of {MANIFEST_FORMAT})")
+
+
 def _req(doc: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
     value = doc.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -237,6 +263,7 @@ def _tensor(name: str, raw: Any, shard_sizes: dict[str, int], what: str) -> Tens
     where = f"{what}: tensor {name!r}"
     if not isinstance(raw, dict):
         raise FormatError(f"{where}: must be an object")
+    _known_keys(raw, TENSOR_KEYS, where)
     dtype = _req(raw, "dtype", str, where)
     if dtype not in ITEMSIZE:
         raise FormatError(f"{where}: unknown dtype {dtype!r}")
@@ -251,6 +278,7 @@ def _tensor(name: str, raw: Any, shard_sizes: dict[str, int], what: str) -> Tens
     for raw_piece in _req(raw, "pieces", list, where):
         if not isinstance(raw_piece, dict):
             raise FormatError(f"{where}: piece must be an object")
+        _known_keys(raw_piece, PIECE_KEYS, f"{where}: piece")
         shard = _req(raw_piece, "shard", str, where)
         span = _req(raw_piece, "rows", list, where)
         stored = _req(raw_piece, "stored_bytes", int, where)
@@ -302,8 +330,19 @@ def parse_manifest(data: bytes, manifest_id: str | None = None) -> Manifest:
     if manifest_id is not None and digest(data) != manifest_id:
         raise IntegrityError(f"{what}: content does not match its id")
     doc = canonical_json.loads(data, what)
-    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or doc.get("hash") != HASH_NAME:
+    if not isinstance(doc, dict):
+        raise FormatError(f"{what}: not a {MANIFEST_FORMAT} document")
+    found = doc.get("format")
+    if found != MANIFEST_FORMAT and isinstance(found, str) and found.startswith(FORMAT_FAMILY):
+        raise UnsupportedFormatError(f"{what}: format {found!r} is not one this shardstore reads ({MANIFEST_FORMAT}): "
+                                     "upgrade shardstore")
+    if found != MANIFEST_FORMAT or doc.get("hash") != HASH_NAME:
         raise FormatError(f"{what}: not a {MANIFEST_FORMAT} document with {HASH_NAME} ids")
+    _known_keys(doc, MANIFEST_KEYS, what)
+    totals = doc.get("totals", {})
+    if not isinstance(totals, dict):
+        raise FormatError(f"{what}: totals must be an object")
+    _known_keys(totals, TOTALS_KEYS, f"{what}: totals")
     base = doc.get("base")
     if base is not None and not is_object_id(base):
         raise FormatError(f"{what}: bad base id {base!r}")
@@ -316,6 +355,7 @@ def parse_manifest(data: bytes, manifest_id: str | None = None) -> Manifest:
     for raw_file in _req(doc, "files", list, what):
         if not isinstance(raw_file, dict):
             raise FormatError(f"{what}: file entry must be an object")
+        _known_keys(raw_file, FILE_KEYS, f"{what}: file")
         path = _req(raw_file, "path", str, what)
         header = _req(raw_file, "header", str, what)
         names = _req(raw_file, "tensors", list, what)
@@ -332,6 +372,8 @@ def parse_manifest(data: bytes, manifest_id: str | None = None) -> Manifest:
         raise FormatError(f"{what}: every tensor must belong to exactly one file")
     blobs: dict[str, BlobRecord] = {}
     for path, raw_blob in _req(doc, "blobs", dict, what).items():
+        if isinstance(raw_blob, dict):
+            _known_keys(raw_blob, BLOB_KEYS, f"{what}: blob {path!r}")
         if not (isinstance(raw_blob, dict) and is_object_id(raw_blob.get("id")) and type(raw_blob.get("size")) is int
                 and raw_blob["size"] >= 0):
             raise FormatError(f"{what}: blob {path!r}: needs an id and a size")

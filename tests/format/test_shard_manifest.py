@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shardstore.codecs import PieceInfo, codec_from_name
-from shardstore.errors import FormatError, IntegrityError
+from shardstore.errors import FormatError, IntegrityError, UnsupportedFormatError
 from shardstore.format.digest import digest
 from shardstore.format.manifest import BlobRecord, FileRecord, Manifest, PieceRef, TensorRecord, parse_manifest
 from shardstore.format.shard import StreamHeader, build_shard, parse_shard
@@ -97,3 +97,43 @@ def test_manifest_validation(old: str, new: str, message: str) -> None:
     assert old in data
     with pytest.raises(FormatError, match=message):
         parse_manifest(data.replace(old, new, 1).encode())
+
+
+# ----------------------------------------------------------------- the manifest's versioning rule (docs/formats.md)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "where"),
+    [
+        ('"base":null,', '"base":null,"created":"2026-11-29",', "created", "manifest:"),
+        ('"dtype":"F32",', '"dtype":"F32","scale":2,', "scale", "tensor 'layer.0.w':"),
+        ('"rows":[0,32],', '"rows":[0,32],"crc":1,', "crc", "tensor 'layer.0.w': piece:"),
+        ('"path":"model.safetensors",', '"path":"model.safetensors","mode":"r",', "mode", "file:"),
+        ('"size":2}', '"size":2,"mime":"json"}', "mime", "blob 'config.json':"),
+        ('"totals":{', '"totals":{"params":1,', "params", "totals:"),
+    ],
+)
+def test_manifest_refuses_a_field_it_does_not_know(old: str, new: str, field: str, where: str) -> None:
+    data = _manifest().to_bytes().decode()
+    assert old in data
+    with pytest.raises(UnsupportedFormatError) as info:
+        parse_manifest(data.replace(old, new, 1).encode())
+    assert f"{where} unknown field {field!r}" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_manifest_of_a_newer_major_version_is_refused_as_such() -> None:
+    data = _manifest().to_bytes().replace(b"shardstore.manifest.v1", b"shardstore.manifest.v2")
+    with pytest.raises(UnsupportedFormatError, match=r"'shardstore\.manifest\.v2' is not one this shardstore reads"):
+        parse_manifest(data)
+
+
+def test_every_manifest_field_is_documented_in_formats_md() -> None:
+    # The rule: a field is added with a changelog entry. Every field the parser accepts must at least appear
+    # in docs/formats.md (as `name`), so the parser cannot grow a field the page does not tell readers about.
+    from pathlib import Path
+
+    from shardstore.format import manifest as m
+
+    page = (Path(__file__).parents[2] / "docs" / "formats.md").read_text()
+    fields = m.MANIFEST_KEYS | m.TENSOR_KEYS | m.PIECE_KEYS | m.FILE_KEYS | m.BLOB_KEYS | m.TOTALS_KEYS
+    assert {f for f in fields if f"`{f}`" not in page} == set()
