@@ -144,6 +144,7 @@ class Repository:
 
     def tags(self, name: str) -> list[str]:
         """The tags that exist for model ``name``, sorted (one LIST, no reads)."""
+        self.check_readable()
         found = (ref_from_key(key) for key in self.store.list("refs"))
         return sorted(ref.tag for ref in found if ref is not None and ref.name == name)
 
@@ -244,6 +245,7 @@ class Repository:
         Read then delete, not atomic: a push that moves the ref in between loses its update, like
         two pushes racing on a store without conditional writes (docs/design.md).
         """
+        self.check_writable()
         manifest_id = self.resolve(ref)
         self.store.delete(ref.key)
         return manifest_id

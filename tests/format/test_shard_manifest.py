@@ -105,7 +105,7 @@ def test_manifest_validation(old: str, new: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "field", "where"),
     [
-        ('"base":null,', '"base":null,"created":"2026-11-29",', "created", "manifest:"),
+        ('"base":null,', '"base":null,"signed_by":"me",', "signed_by", "manifest:"),
         ('"dtype":"F32",', '"dtype":"F32","scale":2,', "scale", "tensor 'layer.0.w':"),
         ('"rows":[0,32],', '"rows":[0,32],"crc":1,', "crc", "tensor 'layer.0.w': piece:"),
         ('"path":"model.safetensors",', '"path":"model.safetensors","mode":"r",', "mode", "file:"),

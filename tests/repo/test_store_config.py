@@ -21,6 +21,7 @@ from rpc.grpc_helpers import SMALL_CHUNK, write_small_model
 import shardstore
 from shardstore.errors import FormatError, UnsupportedFormatError
 from shardstore.repo.gc import collect
+from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.repo.verify import verify
 from shardstore.rpc.server import BackgroundServer
@@ -75,6 +76,8 @@ def test_unknown_version_refuses_every_reader_and_writer(any_store: Store, model
         "gc": lambda: collect(Repository(any_store), grace=0),
         "verify": lambda: verify(Repository(any_store)),
         "ls": lambda: Repository(any_store).list_refs(),
+        "rm": lambda: Repository(any_store).delete_ref(parse_ref("small:v1")),
+        "tag": lambda: Repository(any_store).tag(parse_ref("small:v1"), parse_ref("small:v9")),
     }
     for name, attempt in attempts.items():
         with pytest.raises(UnsupportedFormatError) as info:
