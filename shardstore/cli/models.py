@@ -158,6 +158,38 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     emit(args, info, human)
 
 
+def cmd_diff(args: argparse.Namespace) -> None:
+    from shardstore.errors import InvalidInputError
+    from shardstore.repo.diff import diff_refs
+    from shardstore.repo.repository import Repository
+    from shardstore.rpc import is_grpc_url
+    from shardstore.store import open_store
+
+    for ref in (args.a, args.b):
+        if is_grpc_url(ref):
+            raise InvalidInputError(f"diff {ref}: diff reads a store (--store); a server shows the same figures "
+                                    "on its web view's /compare page")
+    report = diff_refs(Repository(open_store(args.store)), args.a, args.b)
+
+    def human() -> str:
+        counts = report.to_json()["tensors"]
+        lines = [f"{report.a} -> {report.b}: {counts['unchanged']} tensors unchanged, {counts['changed']} changed, "
+                 f"{counts['added']} added, {counts['removed']} removed",
+                 f"  a client holding {report.a} fetches {human_bytes(report.fetch_bytes)} "
+                 f"({report.fetch_shards} shards, {len(report.fetch_files)} files) "
+                 f"of {human_bytes(report.full_bytes)}; "
+                 f"{report.shared_shards} shards ({human_bytes(report.shared_bytes)}) shared"]
+        lines += [f"  changed  {c.name}  {c.codec[0]} -> {c.codec[1]}" if c.codec[0] != c.codec[1]
+                  else f"  changed  {c.name}" for c in report.changed]
+        lines += [f"  added    {name}" for name in report.added]
+        lines += [f"  removed  {name}" for name in report.removed]
+        for kind in ("changed", "added", "removed"):
+            lines += [f"  file {kind:<8} {path}" for path in report.files[kind]]
+        return "\n".join(lines)
+
+    emit(args, report.to_json(), human)
+
+
 def _snr_text(figures: dict[str, Any]) -> str:
     """A tensor's SNR for the inspect table: '-' when lossless, 'exact' when nothing was lost."""
     quality = figures.get("quality")
@@ -206,6 +238,12 @@ def register(commands: Commands) -> None:
     add_common_options(p)
     add_client_options(p)
     p.set_defaults(func=cmd_ls)
+
+    p = commands.add_parser("diff", help="what changed from NAME:A to NAME:B and what a client holding A fetches for B")
+    p.add_argument("a", metavar="NAME:A")
+    p.add_argument("b", metavar="NAME:B")
+    add_common_options(p)
+    p.set_defaults(func=cmd_diff)
 
     p = commands.add_parser("inspect", help="show the tensors, sizes and ratios of NAME:TAG")
     p.add_argument("ref", metavar="NAME:TAG")

@@ -26,10 +26,19 @@ from shardstore.codecs.pipeline import Pipeline
 from shardstore.errors import CodecError, FormatError, IntegrityError
 from shardstore.format import canonical_json
 from shardstore.format.digest import HASH_NAME, digest, is_object_id
-from shardstore.format.safetensors_io import build_header, checked_nbytes, parse_bytes, quote
+from shardstore.format.safetensors_io import (
+    SafetensorsHeader,
+    build_header,
+    checked_nbytes,
+    header_length,
+    parse_bytes,
+    parse_header,
+    quote,
+)
 
 SHARD_FORMAT = "shardstore.shard.v1"
 METADATA_KEY = "shardstore"
+HEADER_LENGTH_BYTES = 8  # the little-endian u64 in front of every safetensors header
 
 
 @dataclass(frozen=True)
@@ -93,12 +102,8 @@ def _stream_header(key: str, raw: Any, what: str) -> StreamHeader:
     return StreamHeader(dtype, tuple(shape), tuple(codec), checksum)
 
 
-def parse_shard(data: bytes | memoryview, shard_id: str, *, verify_id: bool = True) -> Shard:
-    """Check the bytes against their id (DESIGN invariant 3), then parse strictly."""
-    what = f"shard {shard_id}"
-    if verify_id and digest(data) != shard_id:
-        raise IntegrityError(f"{what}: content does not match its id (corrupt or truncated)")
-    header, area = parse_bytes(data, what)
+def _stream_headers(header: SafetensorsHeader, what: str) -> dict[str, StreamHeader]:
+    """The shardstore metadata of a parsed safetensors header: each stream's dtype, shape, codec, checksum."""
     metadata = header.metadata or {}
     if set(metadata) != {METADATA_KEY}:
         raise FormatError(f"{what}: __metadata__ must hold exactly the {METADATA_KEY!r} key")
@@ -109,9 +114,41 @@ def parse_shard(data: bytes | memoryview, shard_id: str, *, verify_id: bool = Tr
     entries = header.by_name()
     if not isinstance(raw_streams, dict) or set(raw_streams) != set(entries):
         raise FormatError(f"{what}: stream headers do not match the stored streams")
-    streams: dict[str, tuple[StreamHeader, memoryview]] = {}
+    streams: dict[str, StreamHeader] = {}
     for key, entry in entries.items():
         if entry.dtype != "U8" or len(entry.shape) != 1:
             raise FormatError(f"{what}: stream {quote(key)} must be a 1-D U8 tensor")
-        streams[key] = (_stream_header(key, raw_streams[key], what), area[entry.begin : entry.end])
-    return Shard(shard_id, streams)
+        streams[key] = _stream_header(key, raw_streams[key], what)
+    return streams
+
+
+def parse_shard(data: bytes | memoryview, shard_id: str, *, verify_id: bool = True) -> Shard:
+    """Check the bytes against their id (DESIGN invariant 3), then parse strictly."""
+    what = f"shard {shard_id}"
+    if verify_id and digest(data) != shard_id:
+        raise IntegrityError(f"{what}: content does not match its id (corrupt or truncated)")
+    header, area = parse_bytes(data, what)
+    entries = header.by_name()
+    return Shard(shard_id, {key: (stream, area[entries[key].begin : entries[key].end])
+                            for key, stream in _stream_headers(header, what).items()})
+
+
+def shard_head_length(prefix: bytes, shard_id: str, shard_size: int) -> int:
+    """How many leading bytes of a shard of ``shard_size`` bytes hold its header (from its first 8 bytes)."""
+    return HEADER_LENGTH_BYTES + header_length(prefix, f"shard {shard_id}", shard_size)
+
+
+def parse_shard_head(head: bytes, shard_id: str, shard_size: int) -> dict[str, StreamHeader]:
+    """The stream headers of a shard from its first :func:`shard_head_length` bytes, as strictly as a whole shard.
+
+    For readers that only describe a shard (``shardstore diff`` compares stream checksums): the
+    bytes cannot be checked against the shard id without the whole shard, so nothing decoded or
+    returned as data may come from here; a reader of data calls :func:`parse_shard`.
+    """
+    what = f"shard {shard_id}"
+    length = header_length(head, what, shard_size)
+    if len(head) < HEADER_LENGTH_BYTES + length:
+        raise FormatError(f"{what}: header cut short ({len(head)} of {HEADER_LENGTH_BYTES + length} bytes)")
+    header = parse_header(head[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + length], what,
+                          shard_size - HEADER_LENGTH_BYTES - length)
+    return _stream_headers(header, what)

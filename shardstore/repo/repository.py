@@ -23,6 +23,7 @@ from typing import Protocol
 from shardstore.errors import IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
+from shardstore.format.shard import StreamHeader, parse_shard_head, shard_head_length
 from shardstore.format.store_config import (
     CONFIG_KEY,
     StoreConfig,
@@ -36,6 +37,8 @@ from shardstore.store.base import Store
 
 # A not-found error lists at most this many of the name's tags.
 _TAGS_SHOWN = 20
+# One range read fetches the header of a shard of up to ~200 streams; longer headers take a second.
+_HEAD_READ_BYTES = 64 << 10
 
 
 def shard_key(shard_id: str) -> str:
@@ -181,6 +184,19 @@ class Repository:
 
     def get_shard_bytes(self, shard_id: str) -> bytes:
         return self._get_verified(shard_key(check_object_id(shard_id, "shard id")), shard_id, "shard")
+
+    def get_shard_head(self, shard_id: str, size: int) -> dict[str, StreamHeader]:
+        """The stream headers of a shard of ``size`` bytes (the manifest's figure), read with range reads only.
+
+        Unverified against the shard id (that needs every byte): for describing a shard, never for data.
+        """
+        key = shard_key(check_object_id(shard_id, "shard id"))
+        head = self.store.get_range(key, 0, min(size, _HEAD_READ_BYTES))
+        length = shard_head_length(head, shard_id, size)
+        if length > len(head):  # a shard of many streams: its header goes past the first read
+            head += self.store.get_range(key, len(head), length)
+        self._count(len(head))
+        return parse_shard_head(head, shard_id, size)
 
     def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         # Object stores answer each request after a round trip: keep several in flight,
