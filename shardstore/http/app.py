@@ -24,11 +24,17 @@ from shardstore.store.base import Store
 
 @dataclass
 class HttpContext:
-    """What every route group may use: the store, the token table (None: open) and the server's metrics."""
+    """What every route group may use: the store, the token table (None: open) and the server's metrics.
+
+    ``grpc_port`` and ``grpc_tls`` say where the gRPC side listens, so pages can show pull commands
+    that work (host from the request, since the listener may be bound to 0.0.0.0).
+    """
 
     store: Store
     tokens: TokenTable | None = None
     metrics: ServerMetrics | None = None
+    grpc_port: int | None = None
+    grpc_tls: bool = False
 
 
 HTTP_CONTEXT = web.AppKey("shardstore", HttpContext)

@@ -523,7 +523,8 @@ def create_server(
     display_host = f"[{host}]" if ":" in host else host
     http = None
     if http_port is not None:
-        http = HttpListener(create_http_app(HttpContext(store, tokens, servicer.metrics)), host, http_port)
+        http = HttpListener(create_http_app(HttpContext(store, tokens, servicer.metrics, grpc_port=bound,
+                                                             grpc_tls=tls is not None)), host, http_port)
     return RegistryServer(server, servicer, health_servicer, f"{display_host}:{bound}", guard, http), bound
 
 
