@@ -104,7 +104,9 @@ class Pages:
     def _manifest(self, manifest_id: str) -> tuple[Manifest, datetime | None]:
         def read() -> tuple[Manifest, datetime | None]:
             manifest = self.repo.get_manifest(manifest_id)
-            # Manifests are written once (put_if_absent), so the object's time is when the version was pushed.
+            if manifest.created is not None:
+                return manifest, datetime.strptime(manifest.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+            # Older manifests carry no time. They are written once (put_if_absent), so the object's is the push's.
             try:
                 stamp = self.repo.store.modified(manifest_key(manifest_id))
             except ShardstoreError:
