@@ -191,6 +191,7 @@ class Repository:
         Unverified against the shard id (that needs every byte): for describing a shard, never for data.
         """
         key = shard_key(check_object_id(shard_id, "shard id"))
+        self.check_readable()
         head = self.store.get_range(key, 0, min(size, _HEAD_READ_BYTES))
         length = shard_head_length(head, shard_id, size)
         if length > len(head):  # a shard of many streams: its header goes past the first read
