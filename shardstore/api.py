@@ -7,7 +7,7 @@ Each takes a ref ``name:tag`` in a store, or ``grpc://host:port/name:tag`` on a 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec
@@ -85,6 +85,8 @@ def push(
     timeout: float | None = None,
     base: str | None = None,
     policy: Policy | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> PushReport:
     """Push a ``.safetensors`` file or a model folder to ``store`` (default: the local store) as ``ref``.
 
@@ -94,6 +96,10 @@ def push(
 
     ``policy`` (``shardstore.repo.policy.build_policy``) quantizes tensors by name pattern
     or to an error budget; without one every tensor is stored with ``codec``, losslessly.
+
+    ``include``/``exclude``: globs on the folder's file paths or names; only matching files are
+    pushed, excluded ones never. Pickle weights (``pytorch_model.bin``) beside safetensors are
+    always left out (``report.skipped_files`` says which and why).
     """
     from shardstore.repo.delta import DeltaBase
 
@@ -103,11 +109,11 @@ def push(
                           secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout) as client:
             return _push(src, parse_ref(remote[1]), client, codec=codec, chunk_bytes=chunk_bytes, threads=threads,
                          progress=progress, base=DeltaBase(client, parse_ref(base)) if base else None,
-                         policy=policy)
+                         policy=policy, include=include, exclude=exclude)
     repo = _repository(store)
     return _push(src, parse_ref(ref), repo, codec=codec, chunk_bytes=chunk_bytes,
                  threads=threads, progress=progress, base=DeltaBase(repo, parse_ref(base)) if base else None,
-                 policy=policy)
+                 policy=policy, include=include, exclude=exclude)
 
 
 def pull(
@@ -122,8 +128,13 @@ def pull(
     token: str | None = None,
     tls: ClientTls | None = None,
     timeout: float | None = None,
+    exclude: Iterable[str] | None = None,
 ) -> PullReport:
-    """Write the model ``ref`` into the folder ``dest`` (only tensors matching ``only`` globs, if given).
+    """Write the model ``ref`` into the folder ``dest``.
+
+    ``only`` (the CLI's ``--include``) and ``exclude`` are globs on tensor names or on the paths
+    of their safetensors files: only tensors matching ``only`` (all when empty) and not
+    ``exclude``. The other files (config, tokenizer) are written unless ``exclude`` matches them.
 
     Over gRPC, shards are kept in the local shard cache (``cache``, default
     ``$SHARDSTORE_CACHE`` or ``~/.cache/shardstore``) and fetched only when missing there.
@@ -132,8 +143,8 @@ def pull(
     if remote is not None:
         with _grpc_client(remote[0], cache, token=token, tls=tls,
                           secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout) as client:
-            return _pull(client, remote[1], dest, only=only, threads=threads, progress=progress)
-    return _pull(_repository(store), ref, dest, only=only, threads=threads, progress=progress)
+            return _pull(client, remote[1], dest, only=only, exclude=exclude, threads=threads, progress=progress)
+    return _pull(_repository(store), ref, dest, only=only, exclude=exclude, threads=threads, progress=progress)
 
 
 def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,

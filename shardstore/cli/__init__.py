@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from shardstore.cli import bench, eval, gc, health, load, models, serve, tags, verify
-from shardstore.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, human_bytes, parse_size
+from shardstore.cli.common import EXIT_ERROR, EXIT_INTERRUPTED, CommandParser, human_bytes, parse_size
 from shardstore.config import resolve as resolve_settings
 from shardstore.errors import InvalidInputError, ShardstoreError
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="shardstore", description="Store and deliver compressed models.")
     parser.add_argument("--version", action="version", version=f"shardstore {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     for module in COMMAND_MODULES:
         module.register(commands)
     return parser

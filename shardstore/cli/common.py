@@ -24,6 +24,29 @@ else:
     Commands = argparse._SubParsersAction
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes options anywhere on the line: ``pull --only GLOB REF DEST``, ``rm A --json B``.
+
+    argparse's intermixed parsing (options first, then positionals from what is left) for every
+    subcommand; ``parse_known_intermixed_args`` itself calls ``parse_known_args``, hence the flag.
+    Options that take a list are repeatable single values (``--include A --include B``), never
+    ``nargs='+'``, which would swallow the positionals that follow them.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # A command with subcommands of its own (bench) cannot intermix; its subcommands do.
+        nested = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._get_positional_actions())
+        if self._intermixing or nested:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def human_bytes(size: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(size) < 1024 or unit == "TiB":

@@ -29,7 +29,7 @@ def cmd_push(args: argparse.Namespace) -> None:
                               max_ratio=args.max_ratio)
     report = push(args.src, args.ref, store=args.store, codec=args.codec, chunk_bytes=args.chunk_size,
                   threads=args.threads, progress=args.progress, policy=policy, base=args.base,
-                  **client_options(args))
+                  include=args.include, exclude=args.exclude, **client_options(args))
     figures = report.to_json()
 
     def human() -> str:
@@ -39,9 +39,21 @@ def cmd_push(args: argparse.Namespace) -> None:
             f"{human_bytes(report.stored_bytes)} stored (ratio {figures['ratio']:.4f}, codec {report.codec})\n"
             f"  uploaded {human_bytes(report.uploaded_bytes)}: {report.shards_uploaded}/{report.shards_total} shards, "
             f"{report.blobs_uploaded} blobs, in {report.seconds:.2f} s"
-        ) + _lossy_summary(report.per_tensor)
+        ) + _lossy_summary(report.per_tensor) + _skipped_summary(report.skipped_files)
 
     emit(args, figures, human)
+
+
+def _skipped_summary(skipped: dict[str, str]) -> str:
+    """What the push left out and why, one line per reason (pickles beside safetensors, globs)."""
+    by_reason: dict[str, list[str]] = {}
+    for path, reason in skipped.items():
+        by_reason.setdefault(reason, []).append(path)
+    lines = []
+    for reason, paths in by_reason.items():
+        shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        lines.append(f"\n  skipped {shown}: {reason}")
+    return "".join(lines)
 
 
 def _lossy_summary(per_tensor: dict[str, dict[str, Any]]) -> str:
@@ -58,8 +70,8 @@ def _lossy_summary(per_tensor: dict[str, dict[str, Any]]) -> str:
 def cmd_pull(args: argparse.Namespace) -> None:
     from shardstore.api import pull
 
-    report = pull(args.ref, args.dest, store=args.store, only=args.only, threads=args.threads,
-                  progress=args.progress, cache=args.cache, **client_options(args))
+    report = pull(args.ref, args.dest, store=args.store, only=args.include, exclude=args.exclude,
+                  threads=args.threads, progress=args.progress, cache=args.cache, **client_options(args))
 
     def human() -> str:
         return (
@@ -219,6 +231,10 @@ def register(commands: Commands) -> None:
                    help="a stored model this one derives from (same store or server): store each piece as its "
                         "XOR with the base's, or the base's own, where smaller; pulls then read the base's shards")
     p.add_argument("--threads", type=int, default=None, help="encoding threads (default: all cores)")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help="push only the folder's files whose path or name matches, e.g. '*.safetensors' (repeatable)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="never push the folder's files whose path or name matches, e.g. 'onnx/*' (repeatable)")
     add_common_options(p)
     add_client_options(p)
     p.set_defaults(func=cmd_push)
@@ -226,7 +242,12 @@ def register(commands: Commands) -> None:
     p = commands.add_parser("pull", help="write NAME:TAG (or grpc://HOST:PORT/NAME:TAG) into folder DEST")
     p.add_argument("ref", metavar="NAME:TAG")
     p.add_argument("dest", metavar="DEST")
-    p.add_argument("--only", nargs="+", metavar="GLOB", help="only tensors whose names match these globs")
+    p.add_argument("--include", "--only", action="append", default=[], metavar="GLOB", dest="include",
+                   help="only tensors whose name (or safetensors file) matches, e.g. 'encoder.layer.2.*' "
+                        "(repeatable; --only is the same)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="leave out tensors whose name or file matches, and other files whose path or name "
+                        "matches (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="decoding threads (default: all cores)")
     p.add_argument("--cache", metavar="DIR", default=None,
                    help="shard cache for grpc:// pulls (default: $SHARDSTORE_CACHE, else ~/.cache/shardstore)")

@@ -2,16 +2,23 @@
 
 A folder's ``*.safetensors`` files (at any depth) hold the tensors; every other
 file (config.json, tokenizer files, ``model.safetensors.index.json``...) is kept
-byte for byte as a blob. Pickle checkpoints are refused: loading one runs
-arbitrary code, and a registry must never pass them on.
+byte for byte as a blob. Pickle checkpoints are never stored: loading one runs
+arbitrary code, and a registry must never pass them on. A Hub folder often holds
+both ``model.safetensors`` and ``pytorch_model.bin``: there the pickles (and their
+``*.bin.index.json``) are skipped and reported, as transformers itself loads the
+safetensors first; a folder with only pickles is refused.
+
+``include``/``exclude`` globs pick files by their path inside the folder (like
+``hf upload``): with includes only matching files are read, excludes drop files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +27,7 @@ from shardstore.format import canonical_json
 from shardstore.format.safetensors_io import SafetensorsHeader, read_file_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_INDEX_SUFFIX = ".bin.index.json"  # pytorch_model.bin.index.json: maps tensors to the pickle files
 SKIPPED_FOLDERS = {".git", ".cache", "__pycache__"}
 INDEX_SUFFIX = ".safetensors.index.json"
 
@@ -35,6 +43,8 @@ class TensorFile:
 class ModelFiles:
     tensor_files: tuple[TensorFile, ...]
     other_files: tuple[tuple[str, Path], ...]
+    # Files of the folder left out, with why: (path inside the model, reason).
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def tensor_count(self) -> int:
         return sum(len(f.header.tensors) for f in self.tensor_files)
@@ -47,8 +57,19 @@ def _walk(root: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def scan_model(src: str | os.PathLike[str]) -> ModelFiles:
-    """Find and validate every file of a model; nothing is read past the safetensors headers."""
+SKIPPED_PICKLE = "pickle weights: the .safetensors weights are pushed instead (transformers prefers them too)"
+SKIPPED_BY_GLOB = "left out by --include/--exclude"
+
+
+def _matches(rel: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], p) for p in patterns)
+
+
+def scan_model(src: str | os.PathLike[str], include: Sequence[str] = (), exclude: Sequence[str] = ()) -> ModelFiles:
+    """Find and validate every file of a model; nothing is read past the safetensors headers.
+
+    A glob matches a file's path inside the folder (``onnx/*``) or its name (``*.bin``).
+    """
     root = Path(src)
     if not root.exists():
         raise InvalidInputError(f"{src}: no such file or folder")
@@ -59,16 +80,25 @@ def scan_model(src: str | os.PathLike[str]) -> ModelFiles:
         return ModelFiles(tuple(files), ())
     tensor_files: list[TensorFile] = []
     others: list[tuple[str, Path]] = []
+    pickles: list[tuple[str, Path]] = []
+    skipped: list[tuple[str, str]] = []
     for path in _walk(root):
         rel = path.relative_to(root).as_posix()
-        if path.name.endswith(PICKLE_SUFFIXES):
-            raise InvalidInputError(f"{path}: refusing a pickle checkpoint (loading it can run code); use safetensors")
-        if path.name.endswith(".safetensors"):
+        if (include and not _matches(rel, include)) or _matches(rel, exclude):
+            skipped.append((rel, SKIPPED_BY_GLOB))
+        elif path.name.endswith(PICKLE_SUFFIXES) or path.name.endswith(PICKLE_INDEX_SUFFIX):
+            pickles.append((rel, path))
+        elif path.name.endswith(".safetensors"):
             tensor_files.append(TensorFile(path, rel, read_file_header(str(path))))
         elif path.is_file():
             others.append((rel, path))
+    weights = [path for rel, path in pickles if not rel.endswith(PICKLE_INDEX_SUFFIX)]
     if not tensor_files:
+        if weights:
+            raise InvalidInputError(f"{weights[0]}: refusing a pickle checkpoint (loading it can run code); "
+                                    "convert it to safetensors")
         raise InvalidInputError(f"{src}: no .safetensors files in this folder")
+    skipped += [(rel, SKIPPED_PICKLE) for rel, _path in pickles]
     owner: dict[str, str] = {}
     for tensor_file in tensor_files:
         for entry in tensor_file.header.tensors:
@@ -80,7 +110,7 @@ def scan_model(src: str | os.PathLike[str]) -> ModelFiles:
     for rel, path in others:
         if rel.endswith(INDEX_SUFFIX):
             _check_index(path, rel, owner, root)
-    return ModelFiles(tuple(tensor_files), tuple(others))
+    return ModelFiles(tuple(tensor_files), tuple(others), tuple(sorted(skipped)))
 
 
 def _check_index(path: Path, rel: str, owner: dict[str, str], root: Path) -> None:

@@ -9,6 +9,7 @@ file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import os
 import time
 from collections.abc import Iterable
@@ -89,6 +90,7 @@ def pull(
     only: Iterable[str] | None = None,
     threads: int | None = None,
     progress: bool = False,
+    exclude: Iterable[str] | None = None,
 ) -> PullReport:
     started = time.perf_counter()
     received_before = source.transferred_bytes
@@ -97,11 +99,13 @@ def pull(
     ref = parse_ref(ref_text)
     manifest_id = source.resolve(ref)
     manifest = source.get_manifest(manifest_id)
-    patterns = list(only or [])
-    selected_names = manifest.select(patterns)
-    if patterns and not selected_names:
-        raise NotFoundError(f"{ref}: no tensor matches {' '.join(patterns)}")
+    patterns, excluded = list(only or []), list(exclude or [])
+    selected_names = select_tensors(manifest, patterns, excluded)
+    if (patterns or excluded) and not selected_names:
+        less = f" less {' '.join(excluded)}" if excluded else ""
+        raise NotFoundError(f"{ref}: no tensor matches {' '.join(patterns) or '*'}{less}")
     selected = set(selected_names)
+    subset = len(selected_names) < len(manifest.tensors)
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -138,7 +142,7 @@ def pull(
                 with contextlib.suppress(FileNotFoundError):
                     handle.partial.unlink()
 
-    blob_count = _write_blobs(source, manifest, root, selected if patterns else None)
+    blob_count = _write_blobs(source, manifest, root, selected if subset else None, excluded)
     cached = getattr(source, "cached_shards", 0) - cached_before
     return PullReport(
         ref=str(ref),
@@ -186,8 +190,37 @@ def _write_tensors(
     return count
 
 
-def _write_blobs(source: ModelSource, manifest: Manifest, root: Path, subset: set[str] | None) -> int:
+def _matches(text: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(text, p) for p in patterns)
+
+
+def select_tensors(manifest: Manifest, include: list[str], exclude: list[str]) -> list[str]:
+    """Tensor names (file order) matching an ``include`` glob (all when none) and no ``exclude`` glob.
+
+    A glob matches a tensor's name or the path (or name) of the safetensors file that holds it, so
+    ``--include 'encoder.layer.2.*'`` and ``--exclude 'model-00002-of-00002.safetensors'`` both work.
+    """
+    chosen: list[str] = []
+    for record in manifest.files:
+        file_names = (record.path, record.path.rsplit("/", 1)[-1])
+        for name in record.tensors:
+            keys = (name, *file_names)
+            if include and not any(_matches(key, include) for key in keys):
+                continue
+            if any(_matches(key, exclude) for key in keys):
+                continue
+            chosen.append(name)
+    return chosen
+
+
+def _write_blobs(source: ModelSource, manifest: Manifest, root: Path, subset: set[str] | None,
+                 exclude: list[str]) -> int:
+    """The non-tensor files, all but those ``exclude`` matches (by path or name); returns how many."""
+    written = 0
     for rel, blob in manifest.blobs.items():
+        if _matches(rel, exclude) or _matches(rel.rsplit("/", 1)[-1], exclude):
+            continue
+        written += 1
         data = source.get_blob(blob.id)
         if subset is not None and rel.endswith(INDEX_SUFFIX):
             data = _filtered_index(data, subset, rel)
@@ -196,7 +229,7 @@ def _write_blobs(source: ModelSource, manifest: Manifest, root: Path, subset: se
         partial = path.with_name(f".{path.name}.partial")
         partial.write_bytes(data)
         os.replace(partial, path)
-    return len(manifest.blobs)
+    return written
 
 
 def _filtered_index(data: bytes, subset: set[str], rel: str) -> bytes:

@@ -77,6 +77,8 @@ class PushReport:
     base: str | None = None  # the base ref of a push with --base
     # name -> codec, raw/stored/new bytes, ratio (``shardstore.repo.inspect.tensor_figures``)
     per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Files of the folder not pushed: path -> why (pickle weights beside safetensors, --include/--exclude).
+    skipped_files: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -295,15 +297,21 @@ def push(
     src: str | os.PathLike[str],
     ref: Ref,
     target: PushTarget,
+    *,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
     **options: Any,
 ) -> PushReport:
     """Scan ``src`` (validating every header before anything is written), then push it.
 
+    ``include``/``exclude``: globs on the folder's file paths (``scan_model``).
+
     The push holds a lease from before its first upload until its ref is set, so that
     gc never deletes an object it found already stored and skipped (DESIGN invariant 6).
     """
-    model = scan_model(src)
+    model = scan_model(src, include, exclude)
     target.check_writable()  # before the lease: a store of a newer format gets nothing written, not even that
     with push_lease(target, f"push {ref}"):
-        return push_model(model, ref, target, **options)
+        report = push_model(model, ref, target, **options)
+    return replace(report, skipped_files=dict(model.skipped))
 
