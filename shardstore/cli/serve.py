@@ -61,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     options["limits"] = CallLimits(max_calls=args.max_calls, max_calls_per_peer=min(args.max_calls_per_peer,
                                                                                     args.max_calls))
+    options["max_object_bytes"] = args.max_object_size
     if args.max_rate is not None:
         options["pace_bytes_per_s"] = args.max_rate
     try:
@@ -111,6 +112,9 @@ def register(commands: Commands) -> None:
                         "is in, so clients that never send one take nothing (docs/security.md)")
     p.add_argument("--max-calls-per-peer", type=int, default=64, metavar="N",
                    help="calls served at once for one client address, so no client takes all (default 64)")
+    p.add_argument("--max-object-size", type=parse_size, default=2 << 30, metavar="SIZE",
+                   help="largest shard or blob an upload may declare (default 2GiB); uploads are streamed to the "
+                        "store while hashed, so this bounds disk, not memory")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log as text or as one JSON object per line; either way one line per call (default text)")
     p.add_argument("--require-token", action="store_true",

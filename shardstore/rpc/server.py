@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import blake3
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -52,7 +53,7 @@ from shardstore.rpc.logs import RequestObserver, log_request
 from shardstore.rpc.metrics import ServerMetrics
 from shardstore.rpc.status import code_for, error_metadata
 from shardstore.rpc.tls import ServerTls
-from shardstore.store.base import Store
+from shardstore.store.base import ObjectWriter, Store
 
 log = logging.getLogger("shardstore.rpc.server")
 
@@ -149,14 +150,30 @@ def _chunks(object_id: str, data: bytes) -> list[pb.ObjectChunk]:
     ]
 
 
+class _Upload:
+    """One object being received: its writer (to the store) and its running hash."""
+
+    def __init__(self, kind: int, object_id: str, writer: ObjectWriter) -> None:
+        self.kind = kind
+        self.object_id = object_id
+        self.writer = writer
+        self.hasher = blake3.blake3()
+
+    def add(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.writer.write(data)
+
+
 class RegistryServicer(pb_grpc.RegistryServicer):
     """The Registry service over one repository. Subclass to inject faults in tests."""
 
     def __init__(self, store: Store, *, cache_bytes: int = DEFAULT_CACHE_BYTES, pace_bytes_per_s: float | None = None,
-                 io_threads: int = DEFAULT_IO_THREADS, metrics: ServerMetrics | None = None) -> None:
+                 io_threads: int = DEFAULT_IO_THREADS, metrics: ServerMetrics | None = None,
+                 max_object_bytes: int = MAX_OBJECT_BYTES) -> None:
         self.repo = Repository(store)
         # A store of a newer format is refused when the server starts, not on a client's first call.
         self.repo.check_readable()
+        self.max_object_bytes = max_object_bytes  # the largest object an upload may declare
         self.cache = HotShardCache(cache_bytes)
         self.pacer = Pacer(pace_bytes_per_s) if pace_bytes_per_s else None
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="shardstore-io")
@@ -326,49 +343,60 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 
     async def UploadObjects(self, request_iterator: AsyncIterator[pb.UploadChunk],
                             context: grpc.aio.ServicerContext) -> pb.UploadObjectsResponse:
+        """Each object is hashed and written to the store as its chunks arrive: memory per call is one chunk.
+
+        The object is checked against its id once its last chunk is in and only then committed (a
+        local store renames its temporary file; others store the spooled copy), so nothing
+        unverified is ever visible under an object's key.
+        """
         committed: list[str] = []
         existing: list[str] = []
         received = 0
-        current: tuple[int, str, bytearray] | None = None  # kind, id, bytes so far
-
-        async def commit(kind: int, object_id: str, data: bytearray) -> None:
-            key = shard_key(object_id) if kind == pb.OBJECT_KIND_SHARD else blob_key(object_id)
-            label = "shard" if kind == pb.OBJECT_KIND_SHARD else "blob"
-
-            def verify_and_put() -> bool:
-                self._begin_write()
-                if digest(data) != object_id:
-                    raise IntegrityError(f"uploaded {label} {object_id}: content does not match its id; not stored")
-                return self.repo.store.put_if_absent(key, memoryview(data))
-
-            (committed if await self._run(verify_and_put) else existing).append(object_id)
-
+        current: _Upload | None = None
         try:
             async for chunk in request_iterator:
                 if chunk.kind not in (pb.OBJECT_KIND_SHARD, pb.OBJECT_KIND_BLOB):
                     raise InvalidInputError(f"upload of {chunk.id!r}: unknown object kind {chunk.kind}")
-                if chunk.total_size > MAX_OBJECT_BYTES:
-                    raise InvalidInputError(f"upload of {chunk.id}: {chunk.total_size} bytes is over the limit")
+                if chunk.total_size > self.max_object_bytes:
+                    raise InvalidInputError(f"upload of {chunk.id}: {chunk.total_size} bytes is over the limit of "
+                                            f"{self.max_object_bytes}")
                 if current is None or chunk.offset == 0:
                     if current is not None:
-                        raise InvalidInputError(f"upload of {current[1]}: stream moved on before the object ended")
-                    current = (chunk.kind, check_object_id(chunk.id, "object id"), bytearray())
-                kind, object_id, buffer = current
-                if chunk.id != object_id or chunk.offset != len(buffer) or chunk.kind != kind:
-                    raise InvalidInputError(f"upload of {object_id}: chunks out of order")
-                buffer += chunk.data
+                        raise InvalidInputError(f"upload of {current.object_id}: stream moved on before the object "
+                                                "ended")
+                    current = await self._run(self._start_upload, chunk)
+                if chunk.id != current.object_id or chunk.offset != current.writer.size or chunk.kind != current.kind:
+                    raise InvalidInputError(f"upload of {current.object_id}: chunks out of order")
+                if current.writer.size + len(chunk.data) > chunk.total_size:
+                    raise InvalidInputError(f"upload of {current.object_id}: more bytes than its declared size")
+                await self._run(current.add, chunk.data)
                 received += len(chunk.data)
                 self.received_bytes += len(chunk.data)
-                if len(buffer) > chunk.total_size:
-                    raise InvalidInputError(f"upload of {object_id}: more bytes than its declared size")
-                if len(buffer) == chunk.total_size:
-                    current = None
-                    await commit(kind, object_id, buffer)
+                if current.writer.size == chunk.total_size:
+                    upload, current = current, None
+                    (committed if await self._run(self._commit_upload, upload) else existing).append(upload.object_id)
             if current is not None:
-                raise InvalidInputError(f"upload of {current[1]}: stream ended before the object did")
+                raise InvalidInputError(f"upload of {current.object_id}: stream ended before the object did")
         except ShardstoreError as exc:
             await self._abort(context, exc)
+        finally:
+            if current is not None:
+                await self._run(current.writer.discard)
         return pb.UploadObjectsResponse(committed_ids=committed, existing_ids=existing, received_bytes=received)
+
+    def _start_upload(self, chunk: pb.UploadChunk) -> _Upload:
+        object_id = check_object_id(chunk.id, "object id")
+        self._begin_write()
+        key = shard_key(object_id) if chunk.kind == pb.OBJECT_KIND_SHARD else blob_key(object_id)
+        return _Upload(chunk.kind, object_id, self.repo.store.writer(key))
+
+    def _commit_upload(self, upload: _Upload) -> bool:
+        self._begin_write()
+        if upload.hasher.hexdigest() != upload.object_id:
+            upload.writer.discard()
+            label = "shard" if upload.kind == pb.OBJECT_KIND_SHARD else "blob"
+            raise IntegrityError(f"uploaded {label} {upload.object_id}: content does not match its id; not stored")
+        return upload.writer.commit()
 
     async def PutManifest(self, request: pb.PutManifestRequest, context: grpc.aio.ServicerContext
                           ) -> pb.PutManifestResponse:
@@ -476,6 +504,7 @@ def create_server(
     pace_bytes_per_s: float | None = None,
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS,
     limits: CallLimits | None = None,
+    max_object_bytes: int = MAX_OBJECT_BYTES,
     servicer: RegistryServicer | None = None,
     tokens: TokenTable | None = None,
     tls: ServerTls | None = None,
@@ -503,7 +532,7 @@ def create_server(
                             max_calls_per_peer=min(CallLimits.max_calls_per_peer, max_concurrent_rpcs))
     guard = CallGuard(SERVICE_NAME, tokens, send_timeout, limits)
     servicer = servicer or RegistryServicer(store, cache_bytes=cache_bytes, pace_bytes_per_s=pace_bytes_per_s,
-                                            metrics=metrics)
+                                            metrics=metrics, max_object_bytes=max_object_bytes)
     # The observer goes first (outermost): calls the guard refuses are counted and logged too.
     observer = RequestObserver([servicer.metrics.observe, log_request])
     # The guard does the limiting (it counts a call only once its request is in: rpc/guard.py); grpc's own

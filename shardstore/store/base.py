@@ -8,13 +8,21 @@ implements the same primitives and passes one shared conformance suite
 
 from __future__ import annotations
 
+import logging
 import re
+import shutil
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
-from shardstore.errors import InvalidInputError, NotFoundError
+from shardstore.errors import InvalidInputError, NotFoundError, StoreError
 
+log = logging.getLogger("shardstore.store")
+
+# What a writer keeps in memory before it spills to a temporary file (stores without their own writer).
+SPOOL_IN_MEMORY_BYTES = 1 << 20
 _KEY_PART = re.compile(r"^[A-Za-z0-9._@:+=-]+$")
 
 
@@ -115,15 +123,52 @@ class Store(ABC):
             except NotFoundError:
                 continue
 
+    def stored_size(self, key: str) -> int | None:
+        """The object's size, None when it does not exist."""
+        try:
+            return self.size(key)
+        except NotFoundError:
+            return None
+
+    def has(self, key: str, size: int | None = None) -> bool:
+        """Whether the object exists, and (given ``size``) has that size: a truncated object is not had."""
+        if size is None:
+            return self.exists(key)
+        return self.stored_size(key) == size
+
     def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
-        """Write an immutable object unless it exists; returns whether it was written.
+        """Write an immutable object unless it exists whole; returns whether it was written.
 
         Content-addressed objects never change, so skipping an existing one is
-        always correct and makes every retry safe (DESIGN invariant 1).
+        always correct and makes every retry safe (DESIGN invariant 1). "Exists"
+        means "exists with this size": an object left truncated (a torn copy, a
+        disk that lied) is written again, so a re-push heals it.
         """
-        if self.exists(key):
+        size = self.stored_size(key)
+        if size == len(memoryview(data)):
             return False
+        if size is not None:
+            log.warning("%s: stored with %d bytes instead of %d; writing it again", key, size, len(data))
         self.put(key, data)
+        return True
+
+    def writer(self, key: str) -> ObjectWriter:
+        """A writer that receives an immutable object in pieces and stores it on :meth:`ObjectWriter.commit`.
+
+        The default spools to a temporary file (memory stays bounded whatever the size) and
+        stores it with :meth:`put_file_if_absent`; backends that can write in place override it.
+        """
+        return SpoolingWriter(self, key)
+
+    def put_file_if_absent(self, key: str, file: IO[bytes], size: int) -> bool:
+        """Store ``size`` bytes read from ``file`` (at its start) unless the object exists with that size.
+
+        The default reads the file into memory; backends override it to stream.
+        """
+        if self.stored_size(key) == size:
+            return False
+        file.seek(0)
+        self.put(key, file.read())
         return True
 
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
@@ -131,3 +176,70 @@ class Store(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+class ObjectWriter:
+    """An object arriving in pieces (an upload): :meth:`write` each piece, then :meth:`commit` or :meth:`discard`.
+
+    Memory held is at most one piece plus a small buffer, whatever the object's size. A context
+    manager: leaving it without a commit discards what was written.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.size = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+
+    def commit(self) -> bool:
+        """Store the object unless it exists with this size; returns whether it was written."""
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Forget what was written (idempotent)."""
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+class SpoolingWriter(ObjectWriter):
+    """Spools to a temporary file (in memory while small), then hands it to ``store.put_file_if_absent``."""
+
+    def __init__(self, store: Store, key: str) -> None:
+        super().__init__(key)
+        self._store = store
+        # Closed by commit() or discard(): the writer outlives any one with-block.
+        self._file: IO[bytes] | None = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=SPOOL_IN_MEMORY_BYTES)
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._file is not None, "writer already committed or discarded"
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise StoreError(f"{self.key}: cannot spool the upload to {tempfile.gettempdir()}: "
+                             f"{exc.strerror}") from None
+        super().write(data)
+
+    def commit(self) -> bool:
+        assert self._file is not None, "writer already committed or discarded"
+        self._file.flush()
+        try:
+            return self._store.put_file_if_absent(self.key, self._file, self.size)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def copy_file(source: IO[bytes], target: IO[bytes]) -> None:
+    """Copy from the start of ``source`` in bounded pieces."""
+    source.seek(0)
+    shutil.copyfileobj(source, target, SPOOL_IN_MEMORY_BYTES)

@@ -14,9 +14,10 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from shardstore.errors import NotFoundError, StoreError
-from shardstore.store.base import ObjectInfo, Store, check_key
+from shardstore.store.base import ObjectInfo, ObjectWriter, Store, check_key, copy_file
 
 _TMP_PREFIX = ".tmp-"
 _LOCK_SUFFIX = ".lock"
@@ -78,6 +79,15 @@ class LocalStore(Store):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def writer(self, key: str) -> ObjectWriter:
+        return _LocalWriter(self, key, self._path(key))
+
+    def put_file_if_absent(self, key: str, file: IO[bytes], size: int) -> bool:
+        with self.writer(key) as writer:
+            assert isinstance(writer, _LocalWriter)
+            writer.copy_from(file, size)
+            return writer.commit()
 
     def size(self, key: str) -> int:
         try:
@@ -147,3 +157,60 @@ class LocalStore(Store):
                 return False
             self.put(key, new)
             return True
+
+
+class _LocalWriter(ObjectWriter):
+    """Writes into a temporary file next to the object (never listed), renamed over it on commit."""
+
+    def __init__(self, store: LocalStore, key: str, path: Path) -> None:
+        super().__init__(key)
+        self._store = store
+        self._path = path
+        self._tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle: IO[bytes] | None = self._tmp.open("wb")
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: OSError) -> StoreError:
+        return StoreError(f"{self.key}: cannot write to {self._store.url}: {exc.strerror}")
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._handle is not None, "writer already committed or discarded"
+        try:
+            self._handle.write(data)
+        except OSError as exc:  # a full disk names the object
+            raise self._failed(exc) from None
+        super().write(data)
+
+    def copy_from(self, file: IO[bytes], size: int) -> None:
+        assert self._handle is not None
+        try:
+            copy_file(file, self._handle)
+        except OSError as exc:
+            raise self._failed(exc) from None
+        self.size = size
+
+    def commit(self) -> bool:
+        assert self._handle is not None, "writer already committed or discarded"
+        try:
+            if self._store.stored_size(self.key) == self.size:
+                return False
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            self._handle = None
+            os.replace(self._tmp, self._path)
+            return True
+        except OSError as exc:
+            raise self._failed(exc) from None
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+        with contextlib.suppress(FileNotFoundError):
+            self._tmp.unlink()

@@ -19,7 +19,7 @@ from storage options (``--storage-option endpoint_url=http://...``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from shardstore.errors import NotFoundError, StoreError
 from shardstore.store.base import StoreCapabilities
@@ -113,11 +113,27 @@ class S3Store(FsspecStore):
             raise self._fail(key, "look up", exc) from None
         return True
 
-    def _put_object(self, key: str, data: bytes | memoryview, **conditions: str) -> bool:
-        """PutObject, optionally conditional; False when the precondition failed (412)."""
+    def stored_size(self, key: str) -> int | None:
+        try:
+            return int(self._info(key)["size"])
+        except FileNotFoundError:
+            if not self._bucket_checked:
+                if not self._bucket_exists():
+                    raise self._fail(key, "look up", FileNotFoundError(self.bucket)) from None
+                self._bucket_checked = True
+            return None
+        except OSError as exc:
+            raise self._fail(key, "look up", exc) from None
+
+    def _put_object(self, key: str, data: bytes | memoryview | IO[bytes], **conditions: str) -> bool:
+        """PutObject, optionally conditional; False when the precondition failed (412).
+
+        ``data`` may be an open file: botocore then reads it in pieces (one PUT, up to 5 GiB).
+        """
+        body = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         try:
             self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._path(key).split("/", 1)[1],
-                            Body=bytes(data), **conditions)
+                            Body=body, **conditions)
         except Exception as exc:  # s3fs re-raises ClientErrors as OSError subclasses
             if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
                 return False
@@ -132,12 +148,21 @@ class S3Store(FsspecStore):
         self._put_object(key, data)
 
     def put_if_absent(self, key: str, data: bytes | memoryview) -> bool:
+        return self._put_if_absent(key, data, len(memoryview(data)))
+
+    def put_file_if_absent(self, key: str, file: IO[bytes], size: int) -> bool:
+        file.seek(0)
+        return self._put_if_absent(key, file, size)
+
+    def _put_if_absent(self, key: str, data: bytes | memoryview | IO[bytes], size: int) -> bool:
         # HEAD first: shards are large, and most already-present objects are found here
         # without sending their bytes. If-None-Match then closes the race window.
-        if self.exists(key):
+        stored = self.stored_size(key)
+        if stored == size:
             return False
-        if not self.conditional_writes:
-            self.put(key, data)
+        if stored is not None or not self.conditional_writes:
+            # Absent without conditional writes; or there but truncated: written again, unconditionally.
+            self._put_object(key, data)
             return True
         return self._put_object(key, data, IfNoneMatch="*")
 

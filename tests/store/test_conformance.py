@@ -67,8 +67,30 @@ def test_overwrite_replaces_whole_object(store: Store) -> None:
 
 def test_put_if_absent_never_rewrites(store: Store) -> None:
     assert store.put_if_absent("shards/aa/aa", b"first") is True
-    assert store.put_if_absent("shards/aa/aa", b"second") is False
+    assert store.put_if_absent("shards/aa/aa", b"other") is False  # same size: a whole object is kept
     assert store.get("shards/aa/aa") == b"first"
+
+
+def test_put_if_absent_heals_an_object_of_the_wrong_size(store: Store) -> None:
+    """A truncated object (torn copy, a disk that lied) is not "already stored": writing it again heals it."""
+    store.put("shards/aa/aa", b"trunc")
+    assert store.put_if_absent("shards/aa/aa", b"truncated object, whole") is True
+    assert store.get("shards/aa/aa") == b"truncated object, whole"
+
+
+def test_writer_streams_an_object_and_commits_it_once(store: Store) -> None:
+    with store.writer("blobs/bb/bb") as writer:
+        for piece in (b"abc", b"def", b"g"):
+            writer.write(piece)
+        assert not store.exists("blobs/bb/bb")  # nothing visible before the commit
+        assert writer.commit() is True
+    assert store.get("blobs/bb/bb") == b"abcdefg"
+    with store.writer("blobs/bb/bb") as again:
+        again.write(b"ABCDEFG")
+        assert again.commit() is False  # there whole already
+    with store.writer("blobs/cc/cc") as abandoned:
+        abandoned.write(b"partial")
+    assert not store.exists("blobs/cc/cc") and list(store.list("blobs")) == ["blobs/bb/bb"]
 
 
 def test_list_by_prefix(store: Store) -> None:
