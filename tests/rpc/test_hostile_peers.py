@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import shardstore
 from rpc.access_helpers import READ_TOKEN, TOKENS, WRITE_TOKEN
 from rpc.grpc_helpers import SMALL_CHUNK, write_small_model
+from shardstore.format.digest import digest
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc.auth import AUTHORIZATION_KEY, BEARER, load_token_table
 from shardstore.rpc.guard import CallLimits, peer_address
@@ -235,3 +236,18 @@ def test_an_upload_that_stops_sending_is_dropped_after_the_receive_timeout(store
 ])
 def test_calls_are_counted_per_client_host_not_per_connection(peer: str, address: str) -> None:
     assert peer_address(peer) == address
+
+
+def test_an_upload_declaring_more_than_the_size_cap_is_refused_and_nothing_is_stored(store: LocalStore) -> None:
+    data = b"y" * 5000
+    with BackgroundServer(store, max_object_bytes=4096) as server, grpc.insecure_channel(server.address) as channel:
+        upload = channel.stream_unary(f"/{SERVICE_NAME}/UploadObjects",
+                                      request_serializer=pb.UploadChunk.SerializeToString,
+                                      response_deserializer=pb.UploadObjectsResponse.FromString)
+        chunk = pb.UploadChunk(kind=pb.OBJECT_KIND_BLOB, id=digest(data), offset=0, total_size=len(data), data=data)
+        with pytest.raises(grpc.RpcError) as refused:
+            upload(iter([chunk]), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "over the limit of 4096" in (refused.value.details() or "")
+    assert not store.exists(f"blobs/{digest(data)[:2]}/{digest(data)}")
+    assert not [p for p in (store.root / "blobs").rglob("*") if p.is_file() and digest(data) in p.name]
