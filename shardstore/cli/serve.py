@@ -56,7 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     ready_state: dict[str, str | None] = {}
     options: dict[str, Any] = {"cache_bytes": args.cache_size, "metrics": metrics, "http_port": args.http_port,
-                               **access}
+                               "signed_url_ttl": args.signed_url_ttl, **access}
     from shardstore.rpc.guard import CallLimits
 
     options["limits"] = CallLimits(max_calls=args.max_calls, max_calls_per_peer=min(args.max_calls_per_peer,
@@ -115,6 +115,9 @@ def register(commands: Commands) -> None:
     p.add_argument("--max-object-size", type=parse_size, default=2 << 30, metavar="SIZE",
                    help="largest shard or blob an upload may declare (default 2GiB); uploads are streamed to the "
                         "store while hashed, so this bounds disk, not memory")
+    p.add_argument("--signed-url-ttl", type=int, default=900, metavar="SECONDS",
+                   help="when the store can sign URLs (S3), clients read shard bytes straight from it through signed "
+                        "URLs valid this long; 0: never sign, stream every byte through this server (default 900)")
     p.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log as text or as one JSON object per line; either way one line per call (default text)")
     p.add_argument("--require-token", action="store_true",

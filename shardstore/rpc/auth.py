@@ -178,6 +178,8 @@ REGISTRY_RULES: dict[str, Rule] = {
     "GetManifest": Rule(Scope.READ),
     "GetBlob": Rule(Scope.READ),
     "StreamShards": Rule(Scope.READ),
+    # A signed URL reads the same content-addressed objects StreamShards and GetBlob send.
+    "SignObjectUrls": Rule(Scope.READ),
     "ListRefs": Rule(Scope.READ, filters_refs=True),
     "FindMissing": Rule(Scope.WRITE),
     "UploadObjects": Rule(Scope.WRITE),

@@ -52,6 +52,10 @@ class Watched(Protocol):
     @property
     def sent_bytes(self) -> int: ...
     @property
+    def sent_shard_bytes(self) -> int: ...
+    @property
+    def signed_urls(self) -> int: ...
+    @property
     def received_bytes(self) -> int: ...
     @property
     def active_streams(self) -> int: ...
@@ -69,6 +73,10 @@ class _ServicerCollector(Collector):
         s = self.servicer
         yield CounterMetricFamily("shardstore_sent_bytes", "Object bytes served (shards and blobs)",
                                   value=s.sent_bytes)
+        yield CounterMetricFamily("shardstore_sent_shard_bytes", "Shard bytes served over gRPC (part of sent_bytes)",
+                                  value=s.sent_shard_bytes)
+        yield CounterMetricFamily("shardstore_signed_urls", "Signed URLs handed out (object bytes read from the store)",
+                                  value=s.signed_urls)
         yield CounterMetricFamily("shardstore_received_bytes", "Object bytes uploaded to this server",
                                   value=s.received_bytes)
         yield CounterMetricFamily("shardstore_cache_hits", "Shards served from the hot-shard memory cache",
@@ -97,6 +105,12 @@ class ServerMetrics:
             "Store read and id check of one shard, on a hot-cache miss", buckets=SHARD_FETCH_BUCKETS,
             registry=self.registry,
         )
+        # The HTTP object endpoint (shardstore/http/objects.py) counts here, beside the gRPC figures, so one
+        # scrape says how many shard bytes left this server by either door.
+        self.http_requests = Counter("shardstore_http_requests", "HTTP object requests answered, by kind and status",
+                                     ["kind", "status"], registry=self.registry)
+        self.http_sent_bytes = Counter("shardstore_http_sent_bytes", "Object bytes sent in HTTP bodies, by kind",
+                                       ["kind"], registry=self.registry)
         self._watched = False
         self._http: Any = None
         self._http_thread: Any = None
@@ -114,6 +128,19 @@ class ServerMetrics:
         self.request_seconds.labels(record.method).observe(record.seconds)
         if record.code != "OK":
             self.errors.labels(record.method, record.code).inc()
+
+    def observe_http(self, kind: str, status: int, body_bytes: int) -> None:
+        """Count one HTTP object response (``kind``: shard or blob) and the object bytes in its body."""
+        self.http_requests.labels(kind, str(status)).inc()
+        if body_bytes:
+            self.http_sent_bytes.labels(kind).inc(body_bytes)
+
+    def http_figures(self, kind: str) -> tuple[int, int]:
+        """(requests answered, body bytes sent) over HTTP for ``kind``: what tests and benches compare."""
+        requests = sum(sample.value for metric in self.http_requests.collect() for sample in metric.samples
+                       if sample.name.endswith("_total") and sample.labels.get("kind") == kind)
+        sent = self.registry.get_sample_value("shardstore_http_sent_bytes_total", {"kind": kind}) or 0.0
+        return int(requests), int(sent)
 
     @contextmanager
     def time_shard_fetch(self) -> Iterator[None]:

@@ -70,6 +70,9 @@ DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_MAX_CONCURRENT_RPCS = 256
 DEFAULT_IO_THREADS = 8
 DEFAULT_GRACE_S = 10.0
+# Signed URLs live long enough for a client to fetch a batch over a slow link, short enough that
+# a URL copied out of a log is soon useless. Clients ask for URLs batch by batch, just before use.
+DEFAULT_SIGNED_URL_TTL_S = 900
 # Ping a client after 60 s without traffic and drop it if the ping is not answered in 20 s: a
 # vanished peer (host down, cable cut, NAT forgot us) frees its calls instead of holding them.
 # Clients may ping every 10 s or more, even between calls (their keepalive is 30 s).
@@ -169,17 +172,22 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 
     def __init__(self, store: Store, *, cache_bytes: int = DEFAULT_CACHE_BYTES, pace_bytes_per_s: float | None = None,
                  io_threads: int = DEFAULT_IO_THREADS, metrics: ServerMetrics | None = None,
-                 max_object_bytes: int = MAX_OBJECT_BYTES) -> None:
+                 max_object_bytes: int = MAX_OBJECT_BYTES,
+                 signed_url_ttl: int | None = DEFAULT_SIGNED_URL_TTL_S) -> None:
         self.repo = Repository(store)
         # A store of a newer format is refused when the server starts, not on a client's first call.
         self.repo.check_readable()
         self.max_object_bytes = max_object_bytes  # the largest object an upload may declare
+        # None or 0: never hand out signed URLs, even when the store could sign (clients then stream).
+        self.signed_url_ttl = signed_url_ttl or None
         self.cache = HotShardCache(cache_bytes)
         self.pacer = Pacer(pace_bytes_per_s) if pace_bytes_per_s else None
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="shardstore-io")
         # Streams currently open; tests use it to prove cancellation frees resources.
         self.active_streams = 0
-        self.sent_bytes = 0  # object bytes sent (shards and blobs)
+        self.sent_shard_bytes = 0  # shard bytes sent over gRPC
+        self.sent_blob_bytes = 0  # blob bytes sent over gRPC
+        self.signed_urls = 0  # signed URLs handed out (their bytes never pass through here)
         self.received_bytes = 0  # object bytes uploaded to us
         self.metrics = metrics or ServerMetrics()  # Prometheus; served over HTTP by whoever runs the server
         self.metrics.watch(self)
@@ -235,10 +243,18 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             self.cache.put(shard_id, data)
         return data
 
-    async def _send(self, chunk: pb.ObjectChunk) -> pb.ObjectChunk:
+    @property
+    def sent_bytes(self) -> int:
+        """Object bytes sent over gRPC, shards and blobs."""
+        return self.sent_shard_bytes + self.sent_blob_bytes
+
+    async def _send(self, chunk: pb.ObjectChunk, *, shard: bool) -> pb.ObjectChunk:
         if self.pacer is not None:
             await self.pacer.send(len(chunk.data))
-        self.sent_bytes += len(chunk.data)
+        if shard:
+            self.sent_shard_bytes += len(chunk.data)
+        else:
+            self.sent_blob_bytes += len(chunk.data)
         return chunk
 
     # -- reads -------------------------------------------------------------------
@@ -275,7 +291,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             await self._abort(context, exc)
             return
         for chunk in _chunks(blob_id, data):
-            yield await self._send(chunk)
+            yield await self._send(chunk, shard=False)
 
     async def StreamShards(self, request: pb.StreamShardsRequest, context: grpc.aio.ServicerContext
                            ) -> AsyncIterator[pb.ObjectChunk]:
@@ -296,7 +312,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                 # Read the next shard while this one is on the wire.
                 upcoming = asyncio.ensure_future(self._load_shard(ids[index + 1])) if index + 1 < len(ids) else None
                 for chunk in _chunks(shard_id, data):
-                    yield await self._send(chunk)
+                    yield await self._send(chunk, shard=True)
         except ShardstoreError as exc:
             await self._abort(context, exc)
         finally:
@@ -305,6 +321,36 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                 upcoming.cancel()
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(upcoming) if not upcoming.done() else upcoming.exception()
+
+    async def SignObjectUrls(self, request: pb.SignObjectUrlsRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.SignObjectUrlsResponse:
+        try:
+            if request.kind not in (pb.OBJECT_KIND_SHARD, pb.OBJECT_KIND_BLOB):
+                raise InvalidInputError(f"sign object urls: unknown object kind {request.kind}")
+            if len(request.ids) > MAX_IDS_PER_REQUEST:
+                raise InvalidInputError(f"at most {MAX_IDS_PER_REQUEST} ids per request, not {len(request.ids)}")
+            ids = [check_object_id(i, "object id") for i in request.ids]
+            ttl = self.signed_url_ttl
+            key = shard_key if request.kind == pb.OBJECT_KIND_SHARD else blob_key
+
+            def sign() -> list[str] | None:
+                assert ttl is not None
+                urls: list[str] = []
+                for object_id in ids:
+                    url = self.repo.store.signed_url(key(object_id), ttl)
+                    if url is None:
+                        return None  # the store cannot sign: all or nothing, the client streams
+                    urls.append(url)
+                return urls
+
+            urls = await self._run(sign) if ttl is not None and ids else None
+            if urls is None:
+                return pb.SignObjectUrlsResponse()
+            self.signed_urls += len(urls)
+            return pb.SignObjectUrlsResponse(urls=urls, expires_in_seconds=ttl)
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
 
     async def ListRefs(self, request: pb.ListRefsRequest, context: grpc.aio.ServicerContext) -> pb.ListRefsResponse:
         try:
@@ -511,6 +557,7 @@ def create_server(
     send_timeout: float | None = DEFAULT_SEND_TIMEOUT_S,
     metrics: ServerMetrics | None = None,
     http_port: int | None = None,
+    signed_url_ttl: int | None = DEFAULT_SIGNED_URL_TTL_S,
 ) -> tuple[RegistryServer, int]:
     """An unstarted server bound to ``host:port`` (0: any free port) and the port it got. Call inside an event loop.
 
@@ -519,6 +566,7 @@ def create_server(
     ``http_port``: also listen for HTTP GETs and the web view on ``host:http_port`` (0: a free port; None: off).
     ``limits``: calls at once, per client address, waiting for their request (:class:`CallLimits`);
     ``max_concurrent_rpcs`` is the shorthand for its ``max_calls``.
+    ``signed_url_ttl``: lifetime of the signed URLs handed out when the store can sign (None or 0: never sign).
     """
     options = [
         ("grpc.max_send_message_length", _MESSAGE_LIMIT),
@@ -532,7 +580,8 @@ def create_server(
                             max_calls_per_peer=min(CallLimits.max_calls_per_peer, max_concurrent_rpcs))
     guard = CallGuard(SERVICE_NAME, tokens, send_timeout, limits)
     servicer = servicer or RegistryServicer(store, cache_bytes=cache_bytes, pace_bytes_per_s=pace_bytes_per_s,
-                                            metrics=metrics, max_object_bytes=max_object_bytes)
+                                            metrics=metrics, max_object_bytes=max_object_bytes,
+                                            signed_url_ttl=signed_url_ttl)
     # The observer goes first (outermost): calls the guard refuses are counted and logged too.
     observer = RequestObserver([servicer.metrics.observe, log_request])
     # The guard does the limiting (it counts a call only once its request is in: rpc/guard.py); grpc's own

@@ -171,6 +171,15 @@ class Store(ABC):
         self.put(key, file.read())
         return True
 
+    def signed_url(self, key: str, expires_s: int) -> str | None:
+        """A URL from which anyone may GET the object for ``expires_s`` seconds without credentials.
+
+        None when the backend cannot sign (a local folder, memory): readers then go through the
+        server. Object stores that can (S3 presigned URLs) let clients read shard bytes straight
+        from the bucket while the server hands out only manifests (docs/operations.md).
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing
         """Release connections; the default holds none."""
 

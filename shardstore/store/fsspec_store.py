@@ -67,6 +67,14 @@ class FsspecStore(Store):
         except FileNotFoundError:
             raise NotFoundError(f"{key}: not in store {self.url}") from None
 
+    def signed_url(self, key: str, expires_s: int) -> str | None:
+        # fsspec's sign() is implemented by the object-store backends (s3fs, gcsfs, adlfs) and
+        # raises NotImplementedError elsewhere; either way no request leaves the process.
+        try:
+            return str(self.fs.sign(self._path(key), expiration=expires_s))
+        except NotImplementedError:
+            return None
+
     def put(self, key: str, data: bytes | memoryview) -> None:
         path = self._path(key)
         try:

@@ -74,11 +74,15 @@ def test_two_servers_on_one_s3_endpoint_serve_the_same_model(
     store_url = f"s3://{s3_bucket}/models"
     base = {k: v for k, v in os.environ.items() if not k.startswith("SHARDSTORE_")}
     # compose: settings in the environment
+    # Both servers stream every byte (no signed URLs): this test follows shards through the servers;
+    # tests/rpc/test_signed_urls.py covers clients reading the bucket directly.
     compose_env = {**base, "SHARDSTORE_SERVE_STORE": store_url, "SHARDSTORE_SERVE_PORT": "0",
-                   "SHARDSTORE_SERVE_METRICS_PORT": "0", "SHARDSTORE_SERVE_LOG_FORMAT": "json"}
+                   "SHARDSTORE_SERVE_METRICS_PORT": "0", "SHARDSTORE_SERVE_LOG_FORMAT": "json",
+                   "SHARDSTORE_SERVE_SIGNED_URL_TTL": "0"}
     # Kubernetes: a config file from a ConfigMap, the endpoint as a storage option
     config = tmp_path / "serve.yaml"
     config.write_text(f"store: {store_url}\nport: 0\nmetrics_port: 0\nlog_format: json\ncache_size: 64MiB\n"
+                      "signed_url_ttl: 0\n"
                       f"storage_option:\n  endpoint_url: {s3_endpoint}\n")
     k8s_env = {**{k: v for k, v in base.items() if k != "AWS_ENDPOINT_URL"}, "SHARDSTORE_SERVE_CONFIG": str(config)}
 

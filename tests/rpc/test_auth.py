@@ -134,6 +134,8 @@ def _calls(stub: pb_grpc.RegistryStub, shard_id: str, manifest_id: str) -> dict[
         "GetManifest": lambda md: stub.GetManifest(pb.GetManifestRequest(manifest_id=manifest_id), metadata=md),
         "GetBlob": lambda md: list(stub.GetBlob(pb.GetBlobRequest(blob_id=digest(b"x")), metadata=md)),
         "StreamShards": lambda md: list(stub.StreamShards(pb.StreamShardsRequest(shard_ids=[shard_id]), metadata=md)),
+        "SignObjectUrls": lambda md: stub.SignObjectUrls(
+            pb.SignObjectUrlsRequest(kind=pb.OBJECT_KIND_SHARD, ids=[shard_id]), metadata=md),
         "ListRefs": lambda md: stub.ListRefs(pb.ListRefsRequest(), metadata=md),
         "FindMissing": lambda md: stub.FindMissing(pb.FindMissingRequest(shard_ids=[shard_id]), metadata=md),
         "UploadObjects": lambda md: stub.UploadObjects(iter(upload), metadata=md),

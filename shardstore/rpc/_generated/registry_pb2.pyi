@@ -67,6 +67,22 @@ class ObjectChunk(_message.Message):
     data: bytes
     def __init__(self, id: _Optional[str] = ..., offset: _Optional[int] = ..., total_size: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class SignObjectUrlsRequest(_message.Message):
+    __slots__ = ("kind", "ids")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    kind: ObjectKind
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kind: _Optional[_Union[ObjectKind, str]] = ..., ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SignObjectUrlsResponse(_message.Message):
+    __slots__ = ("urls", "expires_in_seconds")
+    URLS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    urls: _containers.RepeatedScalarFieldContainer[str]
+    expires_in_seconds: int
+    def __init__(self, urls: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[int] = ...) -> None: ...
+
 class FindMissingRequest(_message.Message):
     __slots__ = ("shard_ids", "blob_ids")
     SHARD_IDS_FIELD_NUMBER: _ClassVar[int]

@@ -55,6 +55,11 @@ class RegistryStub:
                 request_serializer=shardstore_dot_v1_dot_registry__pb2.StreamShardsRequest.SerializeToString,
                 response_deserializer=shardstore_dot_v1_dot_registry__pb2.ObjectChunk.FromString,
                 _registered_method=True)
+        self.SignObjectUrls = channel.unary_unary(
+                '/shardstore.v1.Registry/SignObjectUrls',
+                request_serializer=shardstore_dot_v1_dot_registry__pb2.SignObjectUrlsRequest.SerializeToString,
+                response_deserializer=shardstore_dot_v1_dot_registry__pb2.SignObjectUrlsResponse.FromString,
+                _registered_method=True)
         self.FindMissing = channel.unary_unary(
                 '/shardstore.v1.Registry/FindMissing',
                 request_serializer=shardstore_dot_v1_dot_registry__pb2.FindMissingRequest.SerializeToString,
@@ -118,6 +123,21 @@ class RegistryServicer:
         The server checks every shard against its id before sending it; a corrupt
         shard ends the stream with DATA_LOSS naming it. To resume a broken stream
         a client simply asks again for the shards it has not yet verified.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignObjectUrls(self, request, context):
+        """Short-lived signed URLs from which the caller may GET these objects
+        straight from the object store (S3 presigned URLs), so that shard bytes
+        need not pass through this server. Needs the same token scope as
+        StreamShards and GetBlob. Signing makes no request to the store and does
+        not check that the objects exist: a URL of a missing object answers 404.
+        The client checks every object it reads this way against its id, and
+        falls back to StreamShards / GetBlob for any URL that fails or returns
+        other bytes. When the store cannot sign (a local folder) or the server
+        is configured not to, the response has no urls: stream instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -198,6 +218,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.StreamShards,
                     request_deserializer=shardstore_dot_v1_dot_registry__pb2.StreamShardsRequest.FromString,
                     response_serializer=shardstore_dot_v1_dot_registry__pb2.ObjectChunk.SerializeToString,
+            ),
+            'SignObjectUrls': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignObjectUrls,
+                    request_deserializer=shardstore_dot_v1_dot_registry__pb2.SignObjectUrlsRequest.FromString,
+                    response_serializer=shardstore_dot_v1_dot_registry__pb2.SignObjectUrlsResponse.SerializeToString,
             ),
             'FindMissing': grpc.unary_unary_rpc_method_handler(
                     servicer.FindMissing,
@@ -338,6 +363,33 @@ class Registry:
             '/shardstore.v1.Registry/StreamShards',
             shardstore_dot_v1_dot_registry__pb2.StreamShardsRequest.SerializeToString,
             shardstore_dot_v1_dot_registry__pb2.ObjectChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignObjectUrls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardstore.v1.Registry/SignObjectUrls',
+            shardstore_dot_v1_dot_registry__pb2.SignObjectUrlsRequest.SerializeToString,
+            shardstore_dot_v1_dot_registry__pb2.SignObjectUrlsResponse.FromString,
             options,
             channel_credentials,
             insecure,
