@@ -1,7 +1,8 @@
 """The Python API, as small as safetensors': push, pull, open.
 
 Each takes a ref ``name:tag`` in a store, or ``grpc://host:port/name:tag`` on a server
-(``grpcs://`` for TLS; ``token=`` and ``tls=`` when the server asks for them).
+(``grpcs://`` for TLS; ``token=`` and ``tls=`` when the server asks for them; ``mirror=`` an
+HTTP cache to read shard bytes from, default ``$SHARDSTORE_MIRROR``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def _grpc_target(ref: str, store: str | Store | None) -> tuple[str, str] | None:
 
 def _grpc_client(address: str, cache: str | os.PathLike[str] | None, use_cache: bool = True, *,
                  token: str | None = None, tls: ClientTls | None = None, secure: bool = False,
-                 timeout: float | None = None) -> GrpcClient:
+                 timeout: float | None = None, mirror: str | None = None) -> GrpcClient:
     """A client for ``address``; ``secure`` (a ``grpcs://`` URL) means TLS, with the system's roots unless ``tls``.
 
     ``timeout``: how long any call waits for the server's answer or a stream for its next message.
@@ -59,16 +60,18 @@ def _grpc_client(address: str, cache: str | os.PathLike[str] | None, use_cache: 
     if tls is None and secure:
         tls = ClientTls()
     client = GrpcClient(address, cache=ShardCache(cache) if cache is not None else None, use_cache=use_cache,
-                        token=token, tls=tls)
+                        token=token, tls=tls, mirror=mirror)
     if timeout is not None:
         client.timeout = client.idle_timeout = timeout
     return client
 
 
 def connect(url: str, *, token: str | None = None, tls: ClientTls | None = None,
-            cache: str | os.PathLike[str] | None = None, timeout: float | None = None) -> GrpcClient:
+            cache: str | os.PathLike[str] | None = None, timeout: float | None = None,
+            mirror: str | None = None) -> GrpcClient:
     """A client for the server of ``grpc[s]://host:port[/name:tag]`` (a context manager: close it)."""
-    return _grpc_client(split_grpc_url(url)[0], cache, token=token, tls=tls, secure=is_tls_url(url), timeout=timeout)
+    return _grpc_client(split_grpc_url(url)[0], cache, token=token, tls=tls, secure=is_tls_url(url), timeout=timeout,
+                        mirror=mirror)
 
 
 def push(
@@ -87,6 +90,7 @@ def push(
     policy: Policy | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    mirror: str | None = None,
 ) -> PushReport:
     """Push a ``.safetensors`` file or a model folder to ``store`` (default: the local store) as ``ref``.
 
@@ -106,7 +110,7 @@ def push(
     remote = _grpc_target(ref, store)
     if remote is not None:
         with _grpc_client(remote[0], None, use_cache=False, token=token, tls=tls,
-                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout) as client:
+                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout, mirror=mirror) as client:
             return _push(src, parse_ref(remote[1]), client, codec=codec, chunk_bytes=chunk_bytes, threads=threads,
                          progress=progress, base=DeltaBase(client, parse_ref(base)) if base else None,
                          policy=policy, include=include, exclude=exclude)
@@ -129,6 +133,7 @@ def pull(
     tls: ClientTls | None = None,
     timeout: float | None = None,
     exclude: Iterable[str] | None = None,
+    mirror: str | None = None,
 ) -> PullReport:
     """Write the model ``ref`` into the folder ``dest``.
 
@@ -142,14 +147,14 @@ def pull(
     remote = _grpc_target(ref, store)
     if remote is not None:
         with _grpc_client(remote[0], cache, token=token, tls=tls,
-                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout) as client:
+                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout, mirror=mirror) as client:
             return _pull(client, remote[1], dest, only=only, exclude=exclude, threads=threads, progress=progress)
     return _pull(_repository(store), ref, dest, only=only, exclude=exclude, threads=threads, progress=progress)
 
 
 def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
          token: str | None = None, tls: ClientTls | None = None, timeout: float | None = None,
-         **options: Any) -> ModelView:
+         mirror: str | None = None, **options: Any) -> ModelView:
     """A lazy view of a stored model: ``keys()``, ``get_tensor()``, ``get_slice()``, ``state_dict()``.
 
     Over gRPC (``grpc://host:port/name:tag``) only the shards holding what is
@@ -164,7 +169,7 @@ def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike
         ref_text = ref
     else:
         source = _grpc_client(remote[0], cache, token=token, tls=tls, secure=is_tls_url(ref) or is_tls_url(store),
-                              timeout=timeout)
+                              timeout=timeout, mirror=mirror)
         ref_text = remote[1]
     try:
         parsed = parse_ref(ref_text)
@@ -179,12 +184,13 @@ def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike
 
 def load_into(module: torch.nn.Module, ref: str, *, store: str | Store | None = None,
               cache: str | os.PathLike[str] | None = None, token: str | None = None,
-              tls: ClientTls | None = None, timeout: float | None = None, **options: Any) -> LoadResult:
+              tls: ClientTls | None = None, timeout: float | None = None, mirror: str | None = None,
+              **options: Any) -> LoadResult:
     """Load the model ``ref`` into ``module`` (``load_state_dict(assign=True)`` semantics; meta modules work).
 
-    ``store``, ``cache``, ``token``, ``tls`` and ``timeout`` are those of :func:`open`; ``options``
-    are those of :meth:`ModelView.load_into`: ``device``, ``device_map``, ``max_memory``,
-    ``tp_rank``/``tp_size``/``tp_plan``, ``strict``, ``threads``.
+    ``store``, ``cache``, ``token``, ``tls``, ``timeout`` and ``mirror`` are those of :func:`open`;
+    ``options`` are those of :meth:`ModelView.load_into`: ``device``, ``device_map``, ``max_memory``,
+    ``tp_rank``/``tp_size``/``tp_plan``, ``strict``, ``threads``, ``group``.
     """
-    with open(ref, store=store, cache=cache, token=token, tls=tls, timeout=timeout) as view:
+    with open(ref, store=store, cache=cache, token=token, tls=tls, timeout=timeout, mirror=mirror) as view:
         return view.load_into(module, **options)

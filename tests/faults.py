@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 # (request number, method, path) -> an HTTP status to answer instead, or None to forward.
 FaultPolicy = Callable[[int, str, str], int | None]
+# (method, path with query, body of the upstream's answer) -> the body to send instead.
+BodyFilter = Callable[[str, str, bytes], bytes]
 
 _ERRORS = {
     503: ("SlowDown", "Please reduce your request rate."),
@@ -24,9 +26,10 @@ _ERRORS = {
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, policy: FaultPolicy) -> None:
+    def __init__(self, upstream: str, policy: FaultPolicy, body_filter: BodyFilter | None = None) -> None:
         target = urlsplit(upstream)
         self.policy = policy
+        self.body_filter = body_filter  # tampers with answers that get through (a lying cache or bucket)
         self.requests = 0
         self.faults = 0
         self._lock = threading.Lock()
@@ -64,6 +67,8 @@ class FaultProxy:
                     connection.request(self.command, self.path, body=body, headers=headers)
                     response = connection.getresponse()
                     data = response.read()
+                    if proxy.body_filter is not None and response.status == 200:
+                        data = proxy.body_filter(self.command, self.path, data)
                     self.send_response(response.status)
                     for key, value in response.getheaders():
                         if key.lower() not in ("transfer-encoding", "connection", "content-length"):

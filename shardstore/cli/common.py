@@ -112,13 +112,16 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", metavar="FILE", default=None, help="mutual TLS: the PEM key of --tls-cert")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="give up on a server that sends no answer or no stream data for this long (default 60)")
+    parser.add_argument("--mirror", metavar="URL", default=None,
+                        help="read shard and blob bytes from this HTTP cache of the server's --http-port, each checked "
+                             "against its id, falling back to the server (default: $SHARDSTORE_MIRROR)")
 
 
 def client_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``token``, ``tls`` and ``timeout`` for :mod:`shardstore.api` from :func:`add_client_options`' flags."""
+    """``token``, ``tls``, ``timeout``, ``mirror`` for :mod:`shardstore.api` from :func:`add_client_options`' flags."""
     tls = None
     if args.tls_ca or args.tls_cert or args.tls_key:
         from shardstore.rpc.tls import ClientTls
 
         tls = ClientTls(args.tls_ca, args.tls_cert, args.tls_key)
-    return {"token": args.token, "tls": tls, "timeout": args.timeout}
+    return {"token": args.token, "tls": tls, "timeout": args.timeout, "mirror": args.mirror}

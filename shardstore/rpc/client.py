@@ -13,6 +13,12 @@ Reads:
   backoff and jitter; a broken shard stream resumes from the first shard not
   yet verified, and the retry budget resets whenever a shard gets through.
 
+Shard and blob bytes may come by plain HTTP instead (:mod:`shardstore.rpc.http_fetch`): from a
+``mirror`` (an HTTP cache in front of the server's ``--http-port``; default ``$SHARDSTORE_MIRROR``),
+else from short-lived signed URLs into the server's bucket (SignObjectUrls) when its store can
+sign. Each object is checked against its id; a miss, a failure or a wrong byte fetches that
+object through the gRPC stream instead. Refs and manifests always come from the server.
+
 Writes ask the server which objects it lacks (FindMissing) and upload only
 those; the server verifies each before committing it.
 
@@ -27,12 +33,13 @@ selects TLS, with a client certificate for mutual TLS.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -44,6 +51,7 @@ from shardstore.repo.refs import Ref, parse_ref
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
 from shardstore.rpc.auth import AUTHORIZATION_KEY, BEARER, CLIENT_TOKEN_ENV
+from shardstore.rpc.http_fetch import HttpObjectFetcher, default_mirror
 from shardstore.rpc.server import _MESSAGE_LIMIT, CHUNK_BYTES
 from shardstore.rpc.status import RETRYABLE_CODES, error_from_rpc
 from shardstore.rpc.tls import ClientTls
@@ -66,7 +74,13 @@ MAX_BACKOFF_S = 5.0
 # this bounds what a pull holds in memory to a few shards, whatever the model.
 DEFAULT_PREFETCH_SHARDS = 4
 
+# Signed URLs are asked for this many shards at a time, just before they are fetched, so that
+# none expires while earlier batches download and a request stays small.
+SIGN_BATCH = 64
+
 _DONE = object()
+
+log = logging.getLogger("shardstore.rpc.client")
 
 
 def _is_loopback(address: str) -> bool:
@@ -136,6 +150,8 @@ class GrpcClient:
         tls: ClientTls | None = None,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_S,
         keepalive: float = DEFAULT_KEEPALIVE_S,
+        mirror: str | None = None,
+        signed_urls: bool = True,
     ) -> None:
         self.address = address
         self.cache = (cache or ShardCache()) if use_cache else None
@@ -152,6 +168,20 @@ class GrpcClient:
             raise InvalidInputError(f"refusing to send a token in plaintext to {address}: use grpcs:// or --tls-ca "
                                     f"(or set {ALLOW_PLAINTEXT_TOKEN_ENV}=1 behind a TLS-terminating proxy)")
         self._metadata: tuple[tuple[str, str], ...] = ((AUTHORIZATION_KEY, f"{BEARER}{token}"),) if token else ()
+        mirror = (mirror if mirror is not None else default_mirror() or "").rstrip("/") or None
+        if mirror is not None and not mirror.startswith(("http://", "https://")):
+            raise InvalidInputError(f"mirror {mirror}: expected an http:// or https:// URL")
+        self.mirror = mirror
+        # A mirror gets the token only where the gRPC side would send it: over TLS or on this host.
+        mirror_token = token if mirror is not None and (
+            mirror.startswith("https://") or _is_loopback(mirror.split("://", 1)[1].split("/", 1)[0])
+            or os.environ.get(ALLOW_PLAINTEXT_TOKEN_ENV) == "1") else None
+        self._mirror_http = (HttpObjectFetcher(headers={"Authorization": f"{BEARER}{mirror_token}"}
+                                               if mirror_token else None, timeout=idle_timeout or DEFAULT_TIMEOUT_S)
+                             if mirror is not None else None)
+        # Signed URLs carry their own credential; the server says whether its store can sign.
+        self._signed_http = HttpObjectFetcher(timeout=idle_timeout or DEFAULT_TIMEOUT_S) if signed_urls else None
+        self._can_sign = signed_urls
         options = [
             ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
             ("grpc.max_send_message_length", _MESSAGE_LIMIT),
@@ -214,8 +244,21 @@ class GrpcClient:
             return "the server's certificate is not signed by a CA this client trusts: pass that CA with --tls-ca"
         return "with TLS: check --tls-ca, and --tls-cert/--tls-key if the server requires a client certificate"
 
+    @property
+    def mirror_bytes(self) -> int:
+        """Object bytes read from the mirror (verified)."""
+        return self._mirror_http.figures.bytes if self._mirror_http is not None else 0
+
+    @property
+    def signed_url_bytes(self) -> int:
+        """Object bytes read through signed URLs, straight from object storage (verified)."""
+        return self._signed_http.figures.bytes if self._signed_http is not None else 0
+
     def close(self) -> None:
         self._channel.close()
+        for fetcher in (self._mirror_http, self._signed_http):
+            if fetcher is not None:
+                fetcher.close()
 
     def __enter__(self) -> GrpcClient:
         return self
@@ -249,6 +292,9 @@ class GrpcClient:
 
     def get_blob(self, blob_id: str) -> bytes:
         check_object_id(blob_id, "blob id")
+        data = self._blob_over_http(blob_id)
+        if data is not None:
+            return data
 
         def call() -> bytes:
             parts: list[bytes] = []
@@ -276,7 +322,86 @@ class GrpcClient:
                 self.cached_shards += 1
             yield shard_id, data
         if pending:
-            yield from self._pipelined(pending)
+            yield from self._fetch_missing(pending)
+
+    # -- shard and blob bytes over HTTP, then over gRPC --------------------------------
+
+    def _fetch_missing(self, shard_ids: list[str]) -> Iterator[tuple[str, bytes]]:
+        """The mirror, then signed URLs, then the gRPC stream: each takes what the one before could not give."""
+        remaining = shard_ids
+        if self._mirror_http is not None:
+            mirror = self.mirror
+            remaining = yield from self._over_http(
+                remaining, self._mirror_http, lambda ids: [f"{mirror}/v1/shards/{i}" for i in ids])
+        if remaining and self._signed_http is not None and self._can_sign:
+            remaining = yield from self._over_http(remaining, self._signed_http, self._sign_shards)
+        if remaining:
+            yield from self._pipelined(remaining)
+
+    def _over_http(self, shard_ids: list[str], fetcher: HttpObjectFetcher,
+                   urls_for: Callable[[list[str]], list[str] | None]
+                   ) -> Generator[tuple[str, bytes], None, list[str]]:
+        """Yield the shards ``fetcher`` gets right, batch by batch; return the ids left for the next source."""
+        left: list[str] = []
+        for start in range(0, len(shard_ids), SIGN_BATCH):
+            batch = shard_ids[start : start + SIGN_BATCH]
+            urls = urls_for(batch)
+            if urls is None:  # this source cannot serve: everything not yet fetched goes on
+                return left + shard_ids[start:]
+            failed_before = fetcher.figures.failed
+            got = 0
+            for shard_id, data in fetcher.get_many(zip(batch, urls, strict=True)):
+                if data is None:
+                    left.append(shard_id)
+                    continue
+                got += 1
+                self._count(len(data))
+                if self.cache is not None:
+                    self.cache.put(shard_id, data)
+                with self._lock:
+                    self.fetched_shards += 1
+                yield shard_id, data
+            if not got and fetcher.figures.failed - failed_before == len(batch):
+                # Not one answer: the mirror is down or the bucket's endpoint unreachable from here. Stop
+                # paying a failed request per shard; the next source takes the rest.
+                log.warning("no shard of %d came over HTTP; using the server for the rest", len(batch))
+                return left + shard_ids[start + len(batch) :]
+        return left
+
+    def _sign(self, kind: pb.ObjectKind, ids: list[str]) -> list[str] | None:
+        """Signed URLs for ``ids`` (same order), or None when the server cannot or will not sign."""
+        # Signing is a shortcut: a server slow to sign is not waited for longer than a stalled stream would be.
+        deadline = min(self.timeout, self.idle_timeout or self.timeout)
+        try:
+            response = self._stub.SignObjectUrls(pb.SignObjectUrlsRequest(kind=kind, ids=ids), timeout=deadline,
+                                                 metadata=self._metadata)
+        except grpc.RpcError as exc:
+            # UNIMPLEMENTED: a server older than SignObjectUrls. Anything else, the stream reports properly (or
+            # works); either way this client streams from now on instead of asking again for every batch.
+            self._can_sign = False
+            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                log.info("sign object urls at %s: %s; streaming instead", self.address, exc.code().name)
+            return None
+        self._count(response.ByteSize())
+        if len(response.urls) != len(ids):
+            self._can_sign = False  # the store cannot sign: don't ask again
+            return None
+        return list(response.urls)
+
+    def _sign_shards(self, ids: list[str]) -> list[str] | None:
+        return self._sign(pb.OBJECT_KIND_SHARD, ids)
+
+    def _blob_over_http(self, blob_id: str) -> bytes | None:
+        """A blob from the mirror or a signed URL, verified; None to fetch it through the server."""
+        data = None
+        if self._mirror_http is not None:
+            data = self._mirror_http.get(blob_id, f"{self.mirror}/v1/blobs/{blob_id}", "blob")
+        if data is None and self._signed_http is not None and self._can_sign:
+            urls = self._sign(pb.OBJECT_KIND_BLOB, [blob_id])
+            data = self._signed_http.get(blob_id, urls[0], "blob") if urls else None
+        if data is not None:
+            self._count(len(data))
+        return data
 
     def _pipelined(self, shard_ids: list[str]) -> Iterator[tuple[str, bytes]]:
         """Run :meth:`_receive` in a thread, handing shards over through a bounded queue."""
