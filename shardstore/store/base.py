@@ -2,7 +2,7 @@
 
 Keys are ``/``-separated relative paths (``shards/ab/ab12...``). Every backend
 implements the same primitives and passes one shared conformance suite
-(``tests/store/test_conformance.py``). A missing key is a typed result:
+(``shardstore.testing.store.StoreTests``; ``docs/testing.md``). A missing key is a typed result:
 :class:`~shardstore.errors.NotFoundError`, never a backend-specific accident.
 """
 

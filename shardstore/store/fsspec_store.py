@@ -62,6 +62,11 @@ class FsspecStore(Store):
             raise StoreError(f"{key}: cannot read from {self.url}: {exc}") from None
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
+        if end <= start:
+            # An empty range is no HTTP range at all ("bytes=0--1"), which S3 ignores, sending the whole
+            # object: answer it here, after checking the object exists.
+            self.size(key)
+            return b""
         try:
             return bytes(self.fs.cat_file(self._path(key), start=start, end=end))
         except FileNotFoundError:
@@ -114,6 +119,9 @@ class FsspecStore(Store):
 
     def _find(self, prefix: str) -> dict[str, dict[str, Any]]:
         base = self._path(prefix) if prefix else self.root
+        # Always a fresh listing: another process (gc, a push) may have changed the store since
+        # this filesystem object last listed it, and a stale listing would resurrect deleted objects.
+        self.fs.invalidate_cache(base)
         try:
             found: dict[str, dict[str, Any]] = self.fs.find(base, detail=True)
         except FileNotFoundError:

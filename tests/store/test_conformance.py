@@ -1,211 +1,150 @@
-"""One conformance suite that every store backend passes (zarr-python style)."""
+"""Every built-in store backend passes the shipped conformance suite (``shardstore.testing.store``).
+
+Each class supplies a fresh store and raw access to its backend that bypasses the store: the
+files under a folder, the memory store's dict, a second fsspec filesystem, a boto3 client. The
+shared checks know nothing of backends; what only one backend does is tested in its own class.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import pytest
 
-from shardstore.errors import InvalidInputError, NotFoundError
 from shardstore.store import LocalStore, MemoryStore, Store, open_store
 from shardstore.store.fsspec_store import FsspecStore
 from shardstore.store.s3 import S3Store
-
-StoreFactory = Callable[[Path], Store]
-
-BACKENDS: dict[str, StoreFactory] = {
-    "local": lambda tmp: LocalStore(tmp / "local"),
-    "memory": lambda tmp: MemoryStore.named(f"conformance-{tmp.name}"),
-    "fsspec-file": lambda tmp: FsspecStore(f"file://{tmp / 'fsspec'}"),
-}
+from shardstore.testing.store import StoreTests
 
 
-@pytest.fixture(params=[*sorted(BACKENDS), "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "s3":
-        # The real S3 protocol against moto's HTTP server on loopback.
-        endpoint = request.getfixturevalue("s3_endpoint")
-        bucket = request.getfixturevalue("s3_bucket")
-        backend: Store = open_store(f"s3://{bucket}/prefix", endpoint_url=endpoint)
-    else:
-        backend = BACKENDS[request.param](tmp_path)
-    yield backend
-    backend.close()
+class TestLocalStore(StoreTests):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[Store]:
+        yield LocalStore(tmp_path / "local")
+
+    def _file(self, store: Store, key: str) -> Path:
+        assert isinstance(store, LocalStore)
+        return store.root / key
+
+    def get_raw(self, store: Store, key: str) -> bytes:
+        try:
+            return self._file(store, key).read_bytes()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def set_raw(self, store: Store, key: str, value: bytes) -> None:
+        path = self._file(store, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(value)
+
+    def delete_raw(self, store: Store, key: str) -> None:
+        self._file(store, key).unlink()
+
+    def test_leaves_no_temp_files(self, tmp_path: Path) -> None:
+        store = LocalStore(tmp_path)
+        store.put("shards/aa/x", b"data")
+        assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["x"]
+
+    def test_lists_no_lock_or_temporary_files(self, tmp_path: Path) -> None:
+        store = LocalStore(tmp_path)
+        assert store.compare_and_set("refs/m/v1", None, b"a")
+        (tmp_path / "shards" / "aa").mkdir(parents=True)
+        (tmp_path / "shards" / "aa" / ".tmp-deadbeef").write_bytes(b"torn write of a killed writer")
+        assert list(store.list("")) == ["refs/m/v1"]
+        assert [i.key for i in store.list_info("")] == ["refs/m/v1"]
+        stale = list(store.stale_temporaries(time.time() + 1))
+        assert [p.name for p in stale] == [".tmp-deadbeef"]
+        assert list(store.stale_temporaries(time.time() - 3600)) == []
+
+    def test_default_store_from_environment(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        monkeypatch.setenv("SHARDSTORE_STORE", str(tmp_path / "env-store"))
+        store = open_store()
+        assert isinstance(store, LocalStore)
+        assert store.root == tmp_path / "env-store"
 
 
-def test_put_get_roundtrip(store: Store) -> None:
-    store.put("shards/ab/abc", b"hello")
-    assert store.get("shards/ab/abc") == b"hello"
-    assert store.exists("shards/ab/abc")
-    assert store.size("shards/ab/abc") == 5
+class TestMemoryStore(StoreTests):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[Store]:
+        yield MemoryStore.named(f"conformance-{tmp_path.name}")
+
+    # The backend is the store's own dict: "raw" is that dict, under the store's lock, as another
+    # thread of the process holding the same named store would change it.
+    def get_raw(self, store: Store, key: str) -> bytes:
+        assert isinstance(store, MemoryStore)
+        return store._objects[key]
+
+    def set_raw(self, store: Store, key: str, value: bytes) -> None:
+        assert isinstance(store, MemoryStore)
+        with store._lock:
+            store._objects[key] = value
+            store._modified[key] = time.time()
+
+    def delete_raw(self, store: Store, key: str) -> None:
+        assert isinstance(store, MemoryStore)
+        with store._lock:
+            del store._objects[key]
+            del store._modified[key]
+
+    def test_named_memory_store_is_shared(self) -> None:
+        open_store("memory://shared-test").put("blobs/k", b"v")
+        assert open_store("memory://shared-test").get("blobs/k") == b"v"
 
 
-def test_missing_key_is_typed(store: Store) -> None:
-    with pytest.raises(NotFoundError) as info:
-        store.get("shards/no/such")
-    assert "shards/no/such" in str(info.value)
-    assert isinstance(info.value, KeyError)  # leaves subclass the builtin they resemble
-    assert not store.exists("shards/no/such")
-    with pytest.raises(NotFoundError):
-        store.size("shards/no/such")
+class TestFsspecFileStore(StoreTests):
+    """The generic fsspec path, over fsspec's local filesystem, with a second filesystem as the raw side."""
+
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[Store]:
+        yield FsspecStore(f"file://{tmp_path / 'fsspec'}")
+
+    def _raw(self, store: Store, key: str) -> tuple[Any, str]:
+        assert isinstance(store, FsspecStore)
+        return fsspec.filesystem("file", skip_instance_cache=True), f"{store.root}/{key}"
+
+    def get_raw(self, store: Store, key: str) -> bytes:
+        fs, path = self._raw(store, key)
+        try:
+            return bytes(fs.cat_file(path))
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
+    def set_raw(self, store: Store, key: str, value: bytes) -> None:
+        fs, path = self._raw(store, key)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, value)
+
+    def delete_raw(self, store: Store, key: str) -> None:
+        fs, path = self._raw(store, key)
+        fs.rm_file(path)
 
 
-def test_get_range(store: Store) -> None:
-    store.put("blobs/x", bytes(range(100)))
-    assert store.get_range("blobs/x", 10, 20) == bytes(range(10, 20))
-    assert store.get_range("blobs/x", 95, 200) == bytes(range(95, 100))
+class TestS3Store(StoreTests):
+    """The real S3 protocol against moto's HTTP server on loopback; raw access through boto3."""
 
+    @pytest.fixture
+    def store(self, s3_endpoint: str, s3_bucket: str) -> Iterator[Store]:
+        store = open_store(f"s3://{s3_bucket}/prefix", endpoint_url=s3_endpoint)
+        self._client = __import__("boto3").client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        yield store
+        store.close()
 
-def test_overwrite_replaces_whole_object(store: Store) -> None:
-    store.put("refs/m/latest", b"a" * 1000)
-    store.put("refs/m/latest", b"b")
-    assert store.get("refs/m/latest") == b"b"
+    def _where(self, store: Store, key: str) -> dict[str, str]:
+        assert isinstance(store, S3Store)
+        return {"Bucket": store.bucket, "Key": f"{store.root.split('/', 1)[1]}/{key}"}
 
+    def get_raw(self, store: Store, key: str) -> bytes:
+        try:
+            return bytes(self._client.get_object(**self._where(store, key))["Body"].read())
+        except self._client.exceptions.NoSuchKey:
+            raise KeyError(key) from None
 
-def test_put_if_absent_never_rewrites(store: Store) -> None:
-    assert store.put_if_absent("shards/aa/aa", b"first") is True
-    assert store.put_if_absent("shards/aa/aa", b"other") is False  # same size: a whole object is kept
-    assert store.get("shards/aa/aa") == b"first"
+    def set_raw(self, store: Store, key: str, value: bytes) -> None:
+        self._client.put_object(Body=value, **self._where(store, key))
 
-
-def test_put_if_absent_heals_an_object_of_the_wrong_size(store: Store) -> None:
-    """A truncated object (torn copy, a disk that lied) is not "already stored": writing it again heals it."""
-    store.put("shards/aa/aa", b"trunc")
-    assert store.put_if_absent("shards/aa/aa", b"truncated object, whole") is True
-    assert store.get("shards/aa/aa") == b"truncated object, whole"
-
-
-def test_writer_streams_an_object_and_commits_it_once(store: Store) -> None:
-    with store.writer("blobs/bb/bb") as writer:
-        for piece in (b"abc", b"def", b"g"):
-            writer.write(piece)
-        assert not store.exists("blobs/bb/bb")  # nothing visible before the commit
-        assert writer.commit() is True
-    assert store.get("blobs/bb/bb") == b"abcdefg"
-    with store.writer("blobs/bb/bb") as again:
-        again.write(b"ABCDEFG")
-        assert again.commit() is False  # there whole already
-    with store.writer("blobs/cc/cc") as abandoned:
-        abandoned.write(b"partial")
-    assert not store.exists("blobs/cc/cc") and list(store.list("blobs")) == ["blobs/bb/bb"]
-
-
-def test_list_by_prefix(store: Store) -> None:
-    for key in ("shards/aa/1", "shards/bb/2", "blobs/cc/3", "refs/org/model/v1"):
-        store.put(key, b"x")
-    assert sorted(store.list("shards")) == ["shards/aa/1", "shards/bb/2"]
-    assert sorted(store.list("refs")) == ["refs/org/model/v1"]
-    assert sorted(store.list()) == ["blobs/cc/3", "refs/org/model/v1", "shards/aa/1", "shards/bb/2"]
-    assert list(store.list("manifests")) == []
-
-
-def test_delete_is_idempotent(store: Store) -> None:
-    store.put("blobs/x", b"1")
-    store.delete("blobs/x")
-    store.delete("blobs/x")
-    assert not store.exists("blobs/x")
-
-
-def test_empty_object(store: Store) -> None:
-    store.put("blobs/empty", b"")
-    assert store.get("blobs/empty") == b""
-    assert store.size("blobs/empty") == 0
-
-
-@pytest.mark.parametrize("key", ["", "/abs", "a//b", "a/../b", "../x", "a/./b", "a b", "a\\b"])
-def test_bad_keys_refused(store: Store, key: str) -> None:
-    with pytest.raises(InvalidInputError):
-        store.put(key, b"x")
-
-
-def test_compare_and_set(store: Store) -> None:
-    assert store.compare_and_set("refs/m/v1", None, b"one") is True
-    assert store.compare_and_set("refs/m/v1", None, b"two") is False
-    assert store.compare_and_set("refs/m/v1", b"wrong", b"two") is False
-    assert store.compare_and_set("refs/m/v1", b"one", b"two") is True
-    assert store.get("refs/m/v1") == b"two"
-
-
-def test_concurrent_puts_of_same_object(store: Store) -> None:
-    payload = bytes(range(256)) * 4096
-
-    def writer() -> None:
-        for _ in range(5):
-            store.put_if_absent("shards/cc/same", payload)
-            store.put("shards/cc/overwritten", payload)
-
-    threads = [threading.Thread(target=writer) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert store.get("shards/cc/same") == payload
-    assert store.get("shards/cc/overwritten") == payload
-
-
-def test_url_round_trip(store: Store) -> None:
-    store.put("blobs/u", b"url")
-    assert open_store(store.url).get("blobs/u") == b"url"
-
-
-def test_named_memory_store_is_shared() -> None:
-    open_store("memory://shared-test").put("blobs/k", b"v")
-    assert open_store("memory://shared-test").get("blobs/k") == b"v"
-
-
-def test_local_store_leaves_no_temp_files(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    store.put("shards/aa/x", b"data")
-    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["x"]
-
-
-def test_default_store_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("SHARDSTORE_STORE", str(tmp_path / "env-store"))
-    store = open_store()
-    assert isinstance(store, LocalStore)
-    assert store.root == tmp_path / "env-store"
-
-
-def test_modified_time_and_listing_with_info(store: Store) -> None:
-    before = time.time()
-    store.put("shards/ab/one", b"12345")
-    store.put("shards/cd/two", b"")
-    store.put("refs/m/v1", b"x")
-    # Object stores stamp with their own clock at one-second resolution: allow for both.
-    stamped = store.modified("shards/ab/one")
-    assert stamped is not None and before - 2 <= stamped <= time.time() + 2
-    infos = {i.key: i for i in store.list_info("shards")}
-    assert set(infos) == {"shards/ab/one", "shards/cd/two"}
-    assert (infos["shards/ab/one"].size, infos["shards/cd/two"].size) == (5, 0)
-    assert all(i.modified is not None and abs(i.modified - stamped) < 5 for i in infos.values())
-    with pytest.raises(NotFoundError):
-        store.modified("shards/ab/missing")
-
-
-def test_exists_never_trusts_a_listing_made_before_a_delete(store: Store) -> None:
-    # gc may run in another process: after it deletes, no cache in this one may still say "present",
-    # or a push would skip uploading an object its manifest then names.
-    store.put("shards/ee/gone", b"data")
-    assert list(store.list("shards")) == ["shards/ee/gone"]  # fills any listings cache
-    if isinstance(store, S3Store):  # behind s3fs's back, as another process would
-        store.fs.call_s3("delete_object", Bucket=store.bucket, Key=f"{store.root.split('/', 1)[1]}/shards/ee/gone")
-    else:
-        (store if isinstance(store, MemoryStore) else open_store(store.url)).delete("shards/ee/gone")
-    assert not store.exists("shards/ee/gone")
-    with pytest.raises(NotFoundError):
-        store.size("shards/ee/gone")
-
-
-def test_local_store_lists_no_lock_or_temporary_files(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path)
-    assert store.compare_and_set("refs/m/v1", None, b"a")
-    (tmp_path / "shards" / "aa").mkdir(parents=True)
-    (tmp_path / "shards" / "aa" / ".tmp-deadbeef").write_bytes(b"torn write of a killed writer")
-    assert list(store.list("")) == ["refs/m/v1"]
-    assert [i.key for i in store.list_info("")] == ["refs/m/v1"]
-    stale = list(store.stale_temporaries(time.time() + 1))
-    assert [p.name for p in stale] == [".tmp-deadbeef"]
-    assert list(store.stale_temporaries(time.time() - 3600)) == []
+    def delete_raw(self, store: Store, key: str) -> None:
+        self._client.delete_object(**self._where(store, key))
