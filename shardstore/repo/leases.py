@@ -190,10 +190,12 @@ class WriteLease:
             if self._expires - now > self.ttl / 2:
                 return
             lapsed = self._expires <= now
-            if lapsed:
-                self._created = now
-            self._expires = now + self.ttl
-            self.store.put(self.key, _lease_document("push", self._created, self._expires, self.note))
+            created = now if lapsed else self._created
+            expires = now + self.ttl
+            # Believed held only once written: a failed write leaves the lease lapsed, so the next
+            # call tries again instead of trusting a lease that gc cannot see.
+            self.store.put(self.key, _lease_document("push", created, expires, self.note))
+            self._created, self._expires = created, expires
             if lapsed:
                 # A gc may have started while we held nothing: let it finish before any write.
                 wait_for_gc(self.store)
