@@ -322,6 +322,41 @@ def _piece_base(raw: Any, shard_sizes: dict[str, int], where: str, depth: int = 
     return PieceBase(shard, stream, inner)
 
 
+MAX_PATH_CHARS = 4096
+
+
+def check_file_path(path: str, what: str = "manifest") -> str:
+    """A file path a pull may create: relative, normalized, ``/``-separated, printable; else FormatError.
+
+    Refused: empty, absolute, ``.``/``..``/empty parts (``a//b``, ``a/``), backslashes, NUL and other
+    control characters (a NUL made a traceback; a newline makes a log line lie).
+    """
+    shown = repr(path[:60])
+    if not path or len(path) > MAX_PATH_CHARS:
+        raise FormatError(f"{what}: file path {shown} is empty or longer than {MAX_PATH_CHARS} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise FormatError(f"{what}: file path {shown} contains a control character")
+    if path.startswith("/") or "\\" in path or any(part in ("", ".", "..") for part in path.split("/")):
+        raise FormatError(f"{what}: file path {shown} must be relative and normalized (no /, ., .., \\ or //)")
+    return path
+
+
+def check_file_paths(paths: list[str], what: str = "manifest") -> None:
+    """Every path valid, none twice, and none a folder of another (``a`` and ``a/b`` cannot both be files)."""
+    seen: set[str] = set()
+    for path in paths:
+        check_file_path(path, what)
+        if path in seen:
+            raise FormatError(f"{what}: file path {path[:60]!r} is listed twice (a file and a blob collide)")
+        seen.add(path)
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in seen:
+                raise FormatError(f"{what}: file path {path[:60]!r} lies inside {folder!r}, which is a file")
+
+
 def parse_manifest(data: bytes, manifest_id: str | None = None) -> Manifest:
     """Parse and validate a manifest; when ``manifest_id`` is given, check the bytes against it first."""
     what = f"manifest {manifest_id}" if manifest_id else "manifest"
@@ -387,5 +422,6 @@ def parse_manifest(data: bytes, manifest_id: str | None = None) -> Manifest:
     # Present means a time: null would make a manifest whose rebuilt bytes drop the key, another id.
     if "created" in doc and not (isinstance(created, str) and _CREATED.fullmatch(created)):
         raise FormatError(f"{what}: created must be a UTC time like 2026-01-31T12:00:00Z, not {created!r}")
+    check_file_paths([f.path for f in files] + list(blobs), what)
     return Manifest(tensors, tuple(files), blobs, dict(shards), base, frozenset(base_shards), created=created,
                     _bytes=bytes(data))
