@@ -8,8 +8,8 @@ biases, F32, with a config.json) to a fresh local store twice, once lossless and
 serve --http-port 0`` in its own process and times each page with a fresh HTTP connection per
 request, from the request's first byte sent to the response's last byte read:
 
-* **cold**: the first request after the server started (the manifest is read, checked and parsed),
-  best of ``--rounds`` fresh servers;
+* **cold**: the first request to a server just started (refs listed, manifests read, checked
+  and parsed, shard headers read for a compare), best of ``--rounds`` fresh servers per page;
 * **warm**: best and median of ``--repeat`` more per round (parsed manifests are kept; refs are
   listed each time).
 
@@ -91,23 +91,23 @@ def main() -> None:
         warm: dict[str, list[float]] = {label: [] for label, _ in pages}
         sizes: dict[str, int] = {}
         for _round in range(args.rounds):
-            proc = subprocess.Popen([sys.executable, "-m", "shardstore", "serve", "--store", str(store), "--port", "0",
-                                     "--http-port", "0", "--json"], stdout=subprocess.PIPE, text=True)
-            try:
-                assert proc.stdout is not None
-                host, port = json.loads(proc.stdout.readline())["http_address"].rsplit(":", 1)
-                for label, path in pages:
+            for label, path in pages:  # a fresh server per page: its first request reads everything itself
+                proc = subprocess.Popen([sys.executable, "-m", "shardstore", "serve", "--store", str(store), "--port",
+                                         "0", "--http-port", "0", "--json"], stdout=subprocess.PIPE, text=True)
+                try:
+                    assert proc.stdout is not None
+                    host, port = json.loads(proc.stdout.readline())["http_address"].rsplit(":", 1)
                     first, sizes[label] = timed_get(host, int(port), path)
                     cold[label].append(first)
                     warm[label] += [timed_get(host, int(port), path)[0] for _ in range(args.repeat)]
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
         rows = [(label, min(cold[label]), min(warm[label]), statistics.median(warm[label]), sizes[label])
                 for label, _ in pages]
 
     print(f"web view page loads over HTTP on 127.0.0.1, local store: cold = best first request of {args.rounds} "
-          f"servers, warm = best and median of {args.rounds} x {args.repeat}")
+          f"fresh servers, warm = best and median of {args.rounds} x {args.repeat}")
     print(f"{'page':<34} {'cold ms':>8} {'best ms':>8} {'median ms':>10} {'HTML KiB':>9}")
     for label, cold, best, median, size in rows:
         print(f"{label:<34} {cold * 1e3:>8.1f} {best * 1e3:>8.1f} {median * 1e3:>10.1f} {size / 1024:>9.1f}")
