@@ -58,10 +58,10 @@ def compare_embeddings(model_dir: Path, sentences: list[str] = SENTENCES) -> dic
                 for parameter in transformer.parameters():
                     parameter.zero_()
             started = time.perf_counter()
-            # strict=False: the checkpoint still carries embeddings.position_ids, which today's
-            # BertModel rebuilds itself (a non-persistent buffer).
+            # Strict: every name must match. The checkpoint's copy of embeddings.position_ids (a
+            # non-persistent buffer in today's BertModel) is not "unexpected": it fills that buffer.
             result = shardstore.load_into(transformer, f"grpc://{server.address}/minilm:v1",
-                                          cache=Path(tmp) / "cache", strict=False)
+                                          cache=Path(tmp) / "cache")
             seconds = time.perf_counter() - started
             got = pulled.encode(sentences, convert_to_tensor=True)
     return {

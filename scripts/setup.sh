@@ -9,4 +9,5 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev,bench]"
+# torch is an extra of shardstore (the CLI, push, pull and serve run without it); the tests need it.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[torch,transformers,dev,bench]"

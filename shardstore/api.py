@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec
+from shardstore.extras import require_torch
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
 from shardstore.repo.policy import Policy
 from shardstore.repo.pull import PullReport
@@ -28,6 +30,7 @@ if TYPE_CHECKING:  # torch and grpc are imported only when needed, keeping the C
 
     from shardstore.load.loader import LoadResult
     from shardstore.load.view import ModelView
+    from shardstore.repo.snapshot import SnapshotReport
     from shardstore.rpc.client import GrpcClient
     from shardstore.rpc.tls import ClientTls
 
@@ -126,6 +129,7 @@ def pull(
     *,
     store: str | Store | None = None,
     only: Iterable[str] | None = None,
+    weights: bool = True,
     threads: int | None = None,
     progress: bool = False,
     cache: str | os.PathLike[str] | None = None,
@@ -141,6 +145,7 @@ def pull(
     of their safetensors files: only tensors matching ``only`` (all when empty) and not
     ``exclude``. The other files (config, tokenizer) are written unless ``exclude`` matches them.
 
+    ``weights=False``: only the other files (config.json, tokenizer, the index...), no tensor fetched.
     Over gRPC, shards are kept in the local shard cache (``cache``, default
     ``$SHARDSTORE_CACHE`` or ``~/.cache/shardstore``) and fetched only when missing there.
     """
@@ -148,8 +153,40 @@ def pull(
     if remote is not None:
         with _grpc_client(remote[0], cache, token=token, tls=tls,
                           secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout, mirror=mirror) as client:
-            return _pull(client, remote[1], dest, only=only, exclude=exclude, threads=threads, progress=progress)
-    return _pull(_repository(store), ref, dest, only=only, exclude=exclude, threads=threads, progress=progress)
+            return _pull(client, remote[1], dest, only=only, exclude=exclude, weights=weights, threads=threads,
+                         progress=progress)
+    return _pull(_repository(store), ref, dest, only=only, exclude=exclude, weights=weights, threads=threads,
+                 progress=progress)
+
+
+def snapshot(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
+             token: str | None = None, tls: ClientTls | None = None, timeout: float | None = None,
+             threads: int | None = None, progress: bool = False, mirror: str | None = None) -> Path:
+    """A Hugging Face style folder of ``ref`` (``*.safetensors``, index, config, tokenizer), for tools that take one.
+
+    Written once per manifest under ``cache`` (default ``$SHARDSTORE_CACHE`` or
+    ``~/.cache/shardstore``) in ``snapshots/<manifest id>``, atomically, and reused:
+    a second call only asks which manifest the ref names, and fetches and writes nothing.
+    """
+    return Path(snapshot_report(ref, store=store, cache=cache, token=token, tls=tls, timeout=timeout,
+                                threads=threads, progress=progress, mirror=mirror).path)
+
+
+def snapshot_report(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
+                    token: str | None = None, tls: ClientTls | None = None, timeout: float | None = None,
+                    threads: int | None = None, progress: bool = False,
+                    mirror: str | None = None) -> SnapshotReport:
+    """:func:`snapshot` with its figures: the path, whether it was reused, bytes received and written."""
+    from shardstore.repo.snapshot import snapshot as _snapshot
+    from shardstore.store.cache import default_cache_dir
+
+    root = (Path(cache).expanduser() if cache is not None else default_cache_dir()).absolute()
+    remote = _grpc_target(ref, store)
+    if remote is not None:
+        with _grpc_client(remote[0], root, token=token, tls=tls,
+                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout, mirror=mirror) as client:
+            return _snapshot(client, remote[1], root, threads=threads, progress=progress)
+    return _snapshot(_repository(store), ref, root, threads=threads, progress=progress)
 
 
 def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
@@ -161,6 +198,7 @@ def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike
     asked for are fetched, through the local shard cache; close the view to
     close the connection.
     """
+    require_torch("shardstore.open")
     from shardstore.load.view import ModelView
 
     remote = _grpc_target(ref, store)
@@ -194,3 +232,37 @@ def load_into(module: torch.nn.Module, ref: str, *, store: str | Store | None = 
     """
     with open(ref, store=store, cache=cache, token=token, tls=tls, timeout=timeout, mirror=mirror) as view:
         return view.load_into(module, **options)
+
+
+def from_pretrained(ref: str, cls: Any = None, *, device_map: Any = None, torch_dtype: Any = None, dtype: Any = None,
+                    config: Any = None, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
+                    token: str | None = None, tls: ClientTls | None = None, timeout: float | None = None,
+                    mirror: str | None = None, **kwargs: Any) -> Any:
+    """A transformers model of class ``cls`` (default ``transformers.AutoModel``) loaded from ``ref``; no folder.
+
+    ``shardstore.from_pretrained("grpc://registry:50051/org/model:v1", cls=AutoModelForCausalLM,
+    device_map="auto", torch_dtype=torch.bfloat16)``: the config comes from the stored
+    config.json, the model is built on the meta device and the weights stream in
+    through the lazy view onto their devices; what the checkpoint lacks (non-persistent
+    buffers, a new head) is initialised by transformers as its ``from_pretrained`` does.
+
+    ``dtype`` (or its older name ``torch_dtype``): a ``torch.dtype``, a name, or ``"auto"`` (the
+    default: the config's, else the checkpoint's). Keyword arguments that
+    :meth:`ModelView.load_into` takes (``max_memory``, ``tp_rank``/``tp_size``/``tp_plan``,
+    ``threads``, ``strict``, ...) go to the load; the others update the config or go to the
+    model's constructor, as in transformers. ``store``, ``cache``, ``token``, ``tls``, ``timeout``
+    and ``mirror`` are those of :func:`open`.
+    """
+    import inspect
+
+    require_torch("shardstore.from_pretrained")
+    from shardstore.load.hf import from_pretrained as _from_pretrained
+    from shardstore.load.view import ModelView
+
+    takes = set(inspect.signature(ModelView.load_into).parameters) - {"self", "module", "cast"}
+    load_options = {name: kwargs.pop(name) for name in list(kwargs) if name in takes}
+    if device_map is not None:
+        load_options["device_map"] = device_map
+    chosen = dtype if dtype is not None else torch_dtype if torch_dtype is not None else "auto"
+    with open(ref, store=store, cache=cache, token=token, tls=tls, timeout=timeout, mirror=mirror) as view:
+        return _from_pretrained(view, cls, config=config, dtype=chosen, load_options=load_options, **kwargs)

@@ -46,3 +46,7 @@ class StoreError(ShardstoreError, OSError):
 
 class ConflictError(ShardstoreError):
     """A compare-and-set on a ref lost the race."""
+
+
+class MissingDependencyError(ShardstoreError, ImportError):
+    """An optional dependency (torch, transformers) a feature needs is not installed."""

@@ -8,6 +8,9 @@ from shardstore.cli.common import Commands, add_client_options, add_common_optio
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from shardstore.extras import require_torch
+
+    require_torch("shardstore eval")  # before the imports below, which need it
     from shardstore.api import open as open_model
     from shardstore.load.similarity import EmbeddingEval, default_model_dir, folder_state_dict, load_sentences
 

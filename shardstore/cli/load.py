@@ -39,6 +39,9 @@ def parse_memory(text: str) -> tuple[str | int, int]:
 
 
 def cmd_load(args: argparse.Namespace) -> None:
+    from shardstore.extras import require_torch
+
+    require_torch("shardstore load")  # before the imports below, which need it
     from shardstore.api import open as open_model
     from shardstore.load.loader import LoadOptions, plan_placements
     from shardstore.load.memory import PeakRss

@@ -15,6 +15,7 @@ from shardstore.cli.common import (
     parse_size,
 )
 from shardstore.codecs import DEFAULT_CODEC_NAME, codec_names
+from shardstore.errors import InvalidInputError
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
 
 
@@ -70,7 +71,10 @@ def _lossy_summary(per_tensor: dict[str, dict[str, Any]]) -> str:
 def cmd_pull(args: argparse.Namespace) -> None:
     from shardstore.api import pull
 
+    if args.no_weights and args.include:
+        raise InvalidInputError("--no-weights and --include exclude each other: --include selects weights to pull")
     report = pull(args.ref, args.dest, store=args.store, only=args.include, exclude=args.exclude,
+                  weights=not args.no_weights,
                   threads=args.threads, progress=args.progress, cache=args.cache, **client_options(args))
 
     def human() -> str:
@@ -82,6 +86,17 @@ def cmd_pull(args: argparse.Namespace) -> None:
         )
 
     emit(args, report.to_json(), human)
+
+
+def cmd_snapshot(args: argparse.Namespace) -> None:
+    from shardstore.api import snapshot_report
+
+    report = snapshot_report(args.ref, store=args.store, cache=args.cache, threads=args.threads,
+                             progress=args.progress, **client_options(args))
+    if args.json:
+        emit(args, report.to_json(), str)
+    elif not args.quiet:
+        print(report.path)  # alone on stdout, as `hf download` prints its folder: `cd $(shardstore snapshot REF)`
 
 
 def _registry(args: argparse.Namespace, url: str | None) -> tuple[Any, str]:
@@ -253,7 +268,20 @@ def register(commands: Commands) -> None:
                    help="shard cache for grpc:// pulls (default: $SHARDSTORE_CACHE, else ~/.cache/shardstore)")
     add_common_options(p)
     add_client_options(p)
+    p.add_argument("--no-weights", action="store_true",
+                   help="only the other files (config.json, tokenizer, the index...): no tensor is fetched")
     p.set_defaults(func=cmd_pull)
+
+    p = commands.add_parser("snapshot", help="a Hugging Face style folder of NAME:TAG in the cache, written once per "
+                                             "manifest and reused; prints its path")
+    p.add_argument("ref", metavar="NAME:TAG")
+    p.add_argument("--threads", type=int, default=None, help="decoding threads (default: all cores)")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="where snapshots/ (and the grpc:// shard cache) live (default: $SHARDSTORE_CACHE, "
+                        "else ~/.cache/shardstore)")
+    add_common_options(p)
+    add_client_options(p)
+    p.set_defaults(func=cmd_snapshot)
 
     p = commands.add_parser("ls", help="list the models in a store")
     add_common_options(p)

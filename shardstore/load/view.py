@@ -115,15 +115,17 @@ class ModelView:
                   device_map: DeviceMap | str | None = None, max_memory: Mapping[DeviceLike, int] | None = None,
                   tp_rank: int | None = None, tp_size: int | None = None, tp_plan: TPPlan | None = None,
                   strict: bool = True, threads: int | None = None,
-                  progress: Callable[[int], None] | None = None) -> LoadResult:
+                  progress: Callable[[int], None] | None = None, cast: bool = False) -> LoadResult:
         """Make the model's tensors the module's, as ``module.load_state_dict(sd, assign=True)`` would.
 
-        Works on a module built on the meta device. Without ``device`` or
-        ``device_map`` each tensor goes where the module's tensor is now.
+        Works on a module built on the meta device (a transformers model gets
+        what the checkpoint lacks from its own initialisation). Without ``device``
+        or ``device_map`` each tensor goes where the module's tensor is now.
+        ``cast``: floating tensors take the dtype of the module's tensor they replace.
         """
         options = LoadOptions(device, device_map, max_memory, tp_rank, tp_size, tp_plan)
         return load_module(self.source, self.manifest, self._shard, self.ref, module, options, strict=strict,
-                           threads=threads, progress=progress)
+                           threads=threads, progress=progress, cast=cast)
 
     # -- internals ---------------------------------------------------------------
 

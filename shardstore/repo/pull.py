@@ -1,5 +1,8 @@
 """Pull: write a stored model back to disk as safetensors files plus its other files.
 
+``weights=False`` writes only the other files (config.json, tokenizer...,
+the index): what ``hf download REPO --exclude '*.safetensors'`` gives.
+
 Shards are fetched in order, checked against their ids by the source, decoded in
 threads and written with ``pwrite`` at each piece's final offset, so memory holds
 only the shards in flight (DESIGN invariant 7) however large the model. Each
@@ -91,21 +94,46 @@ def pull(
     threads: int | None = None,
     progress: bool = False,
     exclude: Iterable[str] | None = None,
+    weights: bool = True,
 ) -> PullReport:
+    """Write ``ref_text`` into ``dest``; ``weights=False`` writes only its other files (config, tokenizer...)."""
     started = time.perf_counter()
     received_before = source.transferred_bytes
-    # Sources with a local shard cache (the gRPC client) count what it served.
-    cached_before: int = getattr(source, "cached_shards", 0)
     ref = parse_ref(ref_text)
     manifest_id = source.resolve(ref)
     manifest = source.get_manifest(manifest_id)
+    return write_model(source, str(ref), manifest_id, manifest, dest, only=only, exclude=exclude, weights=weights,
+                       threads=threads, progress=progress, started=started, received_before=received_before)
+
+
+def write_model(
+    source: ModelSource,
+    ref: str,
+    manifest_id: str,
+    manifest: Manifest,
+    dest: str | os.PathLike[str],
+    *,
+    only: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    weights: bool = True,
+    threads: int | None = None,
+    progress: bool = False,
+    started: float | None = None,
+    received_before: int | None = None,
+) -> PullReport:
+    """Write a resolved model's files into ``dest``: what :func:`pull` and ``snapshot`` share."""
+    started = time.perf_counter() if started is None else started
+    received_before = source.transferred_bytes if received_before is None else received_before
+    # Sources with a local shard cache (the gRPC client) count what it served.
+    cached_before: int = getattr(source, "cached_shards", 0)
     patterns, excluded = list(only or []), list(exclude or [])
-    selected_names = select_tensors(manifest, patterns, excluded)
-    if (patterns or excluded) and not selected_names:
+    selected_names = select_tensors(manifest, patterns, excluded) if weights else []
+    if weights and (patterns or excluded) and not selected_names:
         less = f" less {' '.join(excluded)}" if excluded else ""
         raise NotFoundError(f"{ref}: no tensor matches {' '.join(patterns) or '*'}{less}")
     selected = set(selected_names)
-    subset = len(selected_names) < len(manifest.tensors)
+    # Without weights the index stays as pushed (hf download --exclude '*.safetensors' keeps it too).
+    subset = weights and len(selected_names) < len(manifest.tensors)
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
 
@@ -129,7 +157,8 @@ def pull(
             os.ftruncate(fd, size)
             for name in offsets:
                 where[name] = handle
-        fetched = _write_tensors(source, manifest, selected_names, where, threads, progress, str(ref))
+        fetched = _write_tensors(source, manifest, selected_names, where, threads, progress, ref) if selected_names \
+            else 0
         for handle in open_files:
             os.fsync(handle.fd)
             os.close(handle.fd)
@@ -145,7 +174,7 @@ def pull(
     blob_count = _write_blobs(source, manifest, root, selected if subset else None, excluded)
     cached = getattr(source, "cached_shards", 0) - cached_before
     return PullReport(
-        ref=str(ref),
+        ref=ref,
         manifest_id=manifest_id,
         dest=str(root),
         tensors=len(selected_names),

@@ -18,5 +18,5 @@ def test_embeddings_from_the_served_model_equal_the_original(minilm_dir: Path) -
     report = example.compare_embeddings(minilm_dir)
     assert report["identical"] and report["max_abs_diff"] == 0.0
     assert torch.equal(report["got"], report["expected"]) and report["got"].shape == (4, 384)
-    assert report["tensors_loaded"] == 103 and report["not_in_module"] == ["embeddings.position_ids"]
+    assert report["tensors_loaded"] == 103 and report["not_in_module"] == []
     assert report["fetched_bytes"] > 0.5 * report["raw_bytes"]  # it really came over the wire
