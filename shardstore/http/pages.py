@@ -39,23 +39,30 @@ MAX_CONFIG_BYTES = 1 << 20  # a config.json past this is not a config; the page 
 
 
 @dataclass(frozen=True)
+class Summary:
+    """What the registry shows of one manifest: a few numbers, kept for thousands of versions at little cost."""
+
+    raw_bytes: int
+    stored_bytes: int
+    tensors: int
+    shards: int
+    base: str | None
+    created: datetime | None
+    # Tensors per leading codec (the quantizer of a lossy tensor, else its lossless coder), most first.
+    codec_mix: tuple[tuple[str, int], ...]
+
+    @property
+    def ratio(self) -> float:
+        return self.stored_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+
+@dataclass(frozen=True)
 class Version:
     """One ref with the figures of the registry page."""
 
     ref: Ref
     manifest_id: str
-    manifest: Manifest
-    created: datetime | None
-
-    @property
-    def ratio(self) -> float:
-        return self.manifest.stored_bytes / self.manifest.raw_bytes if self.manifest.raw_bytes else 1.0
-
-    @property
-    def codec_mix(self) -> list[tuple[str, int]]:
-        """Tensors per leading codec (the quantizer of a lossy tensor, else its lossless coder), most first."""
-        counts = Counter(str(t.codec[0]["id"]) for t in self.manifest.tensors.values())
-        return sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    summary: Summary
 
 
 @dataclass(frozen=True)
@@ -80,14 +87,20 @@ class ModelPage:
 
 
 class Pages:
-    """Page figures over one repository, with a small cache of parsed manifests and compare results."""
+    """Page figures over one repository, with caches of what never changes for a manifest id.
 
-    def __init__(self, repo: Repository, keep: int = 32) -> None:
+    Parsed manifests are large, so only a few are kept (``keep``); their registry summaries are
+    small, so many are (``keep_summaries``): a registry of thousands of versions lists refs and
+    reads only manifests it has not seen.
+    """
+
+    def __init__(self, repo: Repository, keep: int = 16, keep_summaries: int = 4096) -> None:
         self.repo = repo
-        self._keep = keep
         self._lock = threading.Lock()
-        self._manifests: OrderedDict[str, tuple[Manifest, datetime | None]] = OrderedDict()
+        self._manifests: OrderedDict[str, Manifest] = OrderedDict()
+        self._summaries: OrderedDict[str, Summary] = OrderedDict()
         self._diffs: OrderedDict[tuple[str, str], ModelDiff] = OrderedDict()
+        self._limits = {id(self._manifests): keep, id(self._summaries): keep_summaries, id(self._diffs): keep}
 
     def _remember(self, cache: OrderedDict[Any, Any], key: Any, make: Callable[[], Any]) -> Any:
         with self._lock:
@@ -97,23 +110,33 @@ class Pages:
         value = make()  # outside the lock: two first requests may both read; both get the same immutable answer
         with self._lock:
             cache[key] = value
-            while len(cache) > self._keep:
+            while len(cache) > self._limits[id(cache)]:
                 cache.popitem(last=False)
         return value
 
-    def _manifest(self, manifest_id: str) -> tuple[Manifest, datetime | None]:
-        def read() -> tuple[Manifest, datetime | None]:
-            manifest = self.repo.get_manifest(manifest_id)
-            if manifest.created is not None:
-                return manifest, datetime.strptime(manifest.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-            # Older manifests carry no time. They are written once (put_if_absent), so the object's is the push's.
-            try:
-                stamp = self.repo.store.modified(manifest_key(manifest_id))
-            except ShardstoreError:
-                stamp = None
-            return manifest, datetime.fromtimestamp(stamp, UTC) if stamp is not None else None
+    def manifest(self, manifest_id: str) -> Manifest:
+        result: Manifest = self._remember(self._manifests, manifest_id, lambda: self.repo.get_manifest(manifest_id))
+        return result
 
-        result: tuple[Manifest, datetime | None] = self._remember(self._manifests, manifest_id, read)
+    def _created(self, manifest_id: str, manifest: Manifest) -> datetime | None:
+        if manifest.created is not None:
+            return datetime.strptime(manifest.created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        # Older manifests carry no time. They are written once (put_if_absent), so the object's is the push's.
+        try:
+            stamp = self.repo.store.modified(manifest_key(manifest_id))
+        except ShardstoreError:
+            return None
+        return datetime.fromtimestamp(stamp, UTC) if stamp is not None else None
+
+    def summary(self, manifest_id: str) -> Summary:
+        def read() -> Summary:
+            m = self.manifest(manifest_id)
+            counts = Counter(str(t.codec[0]["id"]) for t in m.tensors.values())
+            return Summary(m.raw_bytes, m.stored_bytes, len(m.tensors), len(m.shards), m.base,
+                           self._created(manifest_id, m),
+                           tuple(sorted(counts.items(), key=lambda item: (-item[1], item[0]))))
+
+        result: Summary = self._remember(self._summaries, manifest_id, read)
         return result
 
     def versions(self, readable: Callable[[str], bool]) -> list[Version]:
@@ -123,16 +146,15 @@ class Pages:
             if not readable(ref.name):
                 continue
             try:
-                manifest, created = self._manifest(manifest_id)
+                summary = self.summary(manifest_id)
             except ShardstoreError:
                 continue  # a manifest gone or damaged since the listing: verify reports it, the page skips it
-            found.append(Version(ref, manifest_id, manifest, created))
+            found.append(Version(ref, manifest_id, summary))
         return sorted(found, key=lambda v: (v.ref.name, v.ref.tag))
 
     def version(self, ref: Ref) -> Version:
         manifest_id = self.repo.resolve(ref)
-        manifest, created = self._manifest(manifest_id)
-        return Version(ref, manifest_id, manifest, created)
+        return Version(ref, manifest_id, self.summary(manifest_id))
 
     def base_names(self, versions: list[Version]) -> dict[str, list[str]]:
         """Manifest id → the refs (among ``versions``) that point at it, to name a delta's base."""
@@ -143,7 +165,7 @@ class Pages:
 
     def model(self, ref: Ref, readable: Callable[[str], bool]) -> ModelPage:
         version = self.version(ref)
-        manifest = version.manifest
+        manifest = self.manifest(version.manifest_id)
         others = self.versions(readable)
         bases = self.base_names(others).get(manifest.base, []) if manifest.base else []
         layers: dict[str, LayerBar] = {}
@@ -194,13 +216,13 @@ class Pages:
 
     def compare(self, a: Ref, b: Ref) -> ModelDiff:
         """The diff of two refs; cached by manifest ids, since the answer for two manifests never changes."""
-        va, vb = self.version(a), self.version(b)
+        a_id, b_id = self.repo.resolve(a), self.repo.resolve(b)
 
         def compute() -> ModelDiff:
-            return diff_manifests(va.manifest, vb.manifest, repository_heads(self.repo), a_name=str(a),
-                                  b_name=str(b), a_id=va.manifest_id, b_id=vb.manifest_id)
+            return diff_manifests(self.manifest(a_id), self.manifest(b_id), repository_heads(self.repo),
+                                  a_name=str(a), b_name=str(b), a_id=a_id, b_id=b_id)
 
-        cached: ModelDiff = self._remember(self._diffs, (va.manifest_id, vb.manifest_id), compute)
+        cached: ModelDiff = self._remember(self._diffs, (a_id, b_id), compute)
         if (cached.a, cached.b) != (str(a), str(b)):  # same manifests under other names: same figures, these names
             cached = replace(cached, a=str(a), b=str(b))
         return cached

@@ -7,6 +7,7 @@ prefixes; requests go through http.client so every status and header is seen as 
 from __future__ import annotations
 
 import http.client
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,10 +36,22 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_file(tensors, str(root / "v1.safetensors"))
     tensors["layers.1.weight"] = tensors["layers.1.weight"] + np.float32(1)
     save_file(tensors, str(root / "v2.safetensors"))
+    del tensors["layers.2.weight"]
+    save_file(tensors, str(root / "broken.safetensors"))
     path = root / "store"
-    for ref, src in (("team/tiny:v1", "v1"), ("team/tiny:v2", "v2"), ("other/tiny:v1", "v1")):
+    for ref, src in (("team/tiny:v1", "v1"), ("other/tiny:v1", "v1"), ("broken/tiny:v1", "broken")):
         shardstore.push(root / f"{src}.safetensors", ref, store=LocalStore(path))
+    shardstore.push(root / "v2.safetensors", "team/tiny:v2", store=LocalStore(path), base="team/tiny:v1")
+    # A disk that garbled one manifest: its pages fail, the others still work.
+    manifest = path / "manifests" / f"{(path / 'refs' / 'broken' / 'tiny' / 'v1').read_text().strip()}.json"
+    manifest.write_bytes(manifest.read_bytes()[:-10] + b"garbage!!}")
     return path
+
+
+def _row(body: str, ref: str) -> str:
+    match = re.search(rf'<tr class="version" data-ref="{re.escape(ref)}">(.*?)</tr>', body, re.S)
+    assert match, ref
+    return re.sub(r"<[^>]+>", " ", match.group(1))
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +93,14 @@ def test_open_server_pages_are_locked_down_and_never_show_the_store(open_server:
         assert str(store) not in body and "file://" not in body and "<script" not in body
         # Every asset is this server's own: nothing is fetched from elsewhere (works offline).
         assert not re.search(r'(src|href)="(https?:)?//', body), path
+    body = request(open_server, "/")[2]
+    created = json.loads((store / "manifests" / f"{(store / 'refs/team/tiny/v1').read_text().strip()}.json")
+                         .read_bytes())["created"]
+    assert f"{created[:10]} {created[11:16]} UTC" in _row(body, "team/tiny:v1")
+    assert "team/tiny:v1" in _row(body, "team/tiny:v2")  # the delta names its base
+    assert "broken/tiny" not in body  # a damaged manifest is left out, not an error page
+    status, _, body = request(open_server, "/models/broken/tiny:v1")
+    assert status == 500 and "could not be read" in body and str(store) not in body and "manifest" not in body
     status, headers, css = request(open_server, "/assets/style.css")
     assert status == 200 and headers["content-type"].startswith("text/css") and "bar-stored" in css
     assert request(open_server, "/models/Bad:Name:x")[0] == 400
