@@ -40,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.progress = not (args.json or args.quiet)
     try:
         resolve_settings(args)  # flags > SHARDSTORE_<COMMAND>_* > --config file, for commands that opt in
+        _store_from_environment(args)
         options = dict(getattr(args, "storage_options", None) or [])
         if options:
             from shardstore.store import open_store
@@ -62,6 +63,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"shardstore {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     return 0
+
+
+def _store_from_environment(args: argparse.Namespace) -> None:
+    """``SHARDSTORE_STORE=grpc://HOST:PORT`` makes a server the default registry, as ``--store grpc://...`` does.
+
+    Only then is it copied into ``--store``: the client commands route a grpc:// store to the server;
+    a store path keeps being resolved where it always was (``open_store``), and commands that need a
+    real store (gc, verify, serve) say in one line that a server is not one.
+    """
+    from shardstore.rpc import is_grpc_url
+    from shardstore.store import STORE_ENV
+
+    configured = os.environ.get(STORE_ENV, "").strip()
+    if hasattr(args, "store") and args.store is None and is_grpc_url(configured):
+        args.store = configured
 
 
 def _stdout_closed() -> int:

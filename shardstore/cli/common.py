@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from shardstore.errors import InvalidInputError
 from shardstore.store import STORE_ENV
 
 # grpc's C core logs TLS handshake failures and the like on stderr at INFO; the CLI already says
@@ -56,21 +57,13 @@ def human_bytes(size: float) -> str:
 
 
 def parse_size(text: str) -> int:
-    """``4MiB``, ``512KiB``, ``1048576``."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    lowered = text.strip().lower()
-    number, factor = lowered, 1
-    for suffix, unit in units.items():
-        if lowered.endswith(suffix):
-            number, factor = lowered[: -len(suffix)].strip(), unit
-            break
+    """``4MiB``, ``512KiB``, ``1048576`` for argparse (:func:`shardstore.sizes.parse_size`, which env vars use too)."""
+    from shardstore.sizes import parse_size as parse
+
     try:
-        value = int(float(number) * factor)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
-    return value
+        return parse(text)
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("size: ")) from None
 
 
 def emit(args: argparse.Namespace, figures: dict[str, Any], human: Callable[[], str]) -> None:
@@ -102,8 +95,8 @@ def add_common_options(parser: argparse.ArgumentParser, store: bool = True) -> N
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars, no summary")
 
 
-def add_client_options(parser: argparse.ArgumentParser) -> None:
-    """Credentials for grpc:// and grpcs:// servers (ignored for stores)."""
+def add_client_options(parser: argparse.ArgumentParser, default_timeout: float = 60.0) -> None:
+    """Credentials for grpc:// and grpcs:// servers (ignored for stores): the same on every client command."""
     parser.add_argument("--token", default=None,
                         help="bearer token for a server that requires one (default: $SHARDSTORE_TOKEN)")
     parser.add_argument("--tls-ca", metavar="FILE", default=None,
@@ -111,7 +104,8 @@ def add_client_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", metavar="FILE", default=None, help="mutual TLS: this PEM client certificate")
     parser.add_argument("--tls-key", metavar="FILE", default=None, help="mutual TLS: the PEM key of --tls-cert")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                        help="give up on a server that sends no answer or no stream data for this long (default 60)")
+                        help="give up on a server that sends no answer or no stream data for this long "
+                             f"(default {default_timeout:g})")
     parser.add_argument("--mirror", metavar="URL", default=None,
                         help="read shard and blob bytes from this HTTP cache of the server's --http-port, each checked "
                              "against its id, falling back to the server (default: $SHARDSTORE_MIRROR)")

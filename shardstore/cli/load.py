@@ -8,7 +8,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shardstore.cli.common import Commands, add_common_options, emit, human_bytes, parse_size
+from shardstore.cli.common import (
+    Commands,
+    add_client_options,
+    add_common_options,
+    client_options,
+    emit,
+    human_bytes,
+    parse_size,
+)
 from shardstore.errors import InvalidInputError
 
 
@@ -64,7 +72,7 @@ def cmd_load(args: argparse.Namespace) -> None:
     )
     started = time.perf_counter()
     with PeakRss() as rss:
-        with open_model(args.ref, store=args.store, cache=args.cache) as view:
+        with open_model(args.ref, store=args.store, cache=args.cache, **client_options(args)) as view:
             placements, _map = plan_placements(view.manifest, list(view.manifest.tensors), options)
             total = sum(p.nbytes for p in placements if p.device != "meta")
             with Progress("load", total, args.progress) as bar:
@@ -109,4 +117,5 @@ def register(commands: Commands) -> None:
     p.add_argument("--cache", metavar="DIR", default=None,
                    help="shard cache for grpc:// loads (default: $SHARDSTORE_CACHE, else ~/.cache/shardstore)")
     add_common_options(p)
+    add_client_options(p)
     p.set_defaults(func=cmd_load)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shardstore.errors import InvalidInputError
 from shardstore.store.base import ObjectInfo, Store, StoreCapabilities, check_key
 from shardstore.store.local import LocalStore
 from shardstore.store.memory import MemoryStore
@@ -30,6 +31,10 @@ def open_store(url: str | Store | None = None, **storage_options: Any) -> Store:
     if isinstance(url, Store):
         return url
     url = url or default_store_url()
+    if url.startswith(("grpc://", "grpcs://")):
+        source = f" (from ${STORE_ENV})" if url == os.environ.get(STORE_ENV, "").strip() else ""
+        raise InvalidInputError(f"{url}{source}: a shardstore server, not a store; this command needs a store "
+                                "(a folder, file://, s3://...)")
     if url.startswith("file://"):
         return LocalStore(url[len("file://") :])
     if url.startswith("memory://"):

@@ -23,6 +23,7 @@ import uuid
 from pathlib import Path
 
 from shardstore.format.digest import digest, is_object_id
+from shardstore.sizes import parse_size
 
 CACHE_ENV = "SHARDSTORE_CACHE"
 CACHE_SIZE_ENV = "SHARDSTORE_CACHE_SIZE"
@@ -41,8 +42,9 @@ def default_cache_dir() -> Path:
 
 
 def default_cache_bytes() -> int:
-    configured = os.environ.get(CACHE_SIZE_ENV)
-    return int(configured) if configured and configured.isdigit() else DEFAULT_CACHE_BYTES
+    """``$SHARDSTORE_CACHE_SIZE`` (``20GiB``, ``500MB``, bytes), else 20 GiB; garbage is an error, never ignored."""
+    configured = os.environ.get(CACHE_SIZE_ENV, "").strip()
+    return parse_size(configured, f"${CACHE_SIZE_ENV}") if configured else DEFAULT_CACHE_BYTES
 
 
 class ShardCache:

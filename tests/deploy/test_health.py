@@ -24,7 +24,7 @@ def test_health_defaults_to_the_port_serve_reads_and_fails_in_one_line(tmp_path:
         result = health("--json", "--service", SERVICE_NAME, env=env)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == {"address": f"127.0.0.1:{server.port}", "service": SERVICE_NAME,
-                                             "status": "SERVING"}
+                                             "status": "SERVING", "tls": False}
         quiet = health(f"grpc://{server.address}", "--quiet", env=env)
         assert quiet.returncode == 0 and quiet.stdout == ""
         unknown = health(f"grpc://{server.address}", "--service", "no.such.Service", env=env)
