@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from helpers import free_port
+
 CONFIG = """\
 {user}daemon off;
 worker_processes {workers};
@@ -47,12 +49,6 @@ http {{
     }}
 }}
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class NginxCache:

@@ -7,13 +7,14 @@ come here, so the three agree on device maps, plans and figures.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from shardstore.errors import InvalidInputError
 from shardstore.format.manifest import Manifest
+from shardstore.load.cooperative import CooperativeStats, run_cooperative
 from shardstore.load.device_map import DeviceLike, DeviceMap, natural_key, place
 from shardstore.load.pipeline import PipelineStats, Placement, run_pipeline
 from shardstore.load.tensor_parallel import TPPlan, check_plan, cut_for
@@ -32,6 +33,8 @@ class LoadOptions:
     tp_rank: int | None = None
     tp_size: int | None = None
     tp_plan: TPPlan | None = None
+    # A torch.distributed process group whose ranks load together, each shard fetched once (cooperative.py).
+    group: Any = None
 
 
 @dataclass
@@ -43,6 +46,7 @@ class LoadResult:
     missing: list[str] = field(default_factory=list)  # load_into: the module's tensors the model lacks
     unexpected: list[str] = field(default_factory=list)  # load_into: the model's tensors the module lacks
     still_meta: list[str] = field(default_factory=list)  # load_into: module tensors left on meta (strict=False)
+    cooperative: CooperativeStats | None = None  # group=: what this rank fetched and exchanged
 
     @property
     def raw_bytes(self) -> int:
@@ -61,6 +65,7 @@ class LoadResult:
             "device_copies": stats.copies,
             "device_copies_done_before_decode_end": stats.copies_done_before_decode_end,
             "device_map": dict(self.device_map),
+            **({"cooperative": asdict(self.cooperative)} if self.cooperative is not None else {}),
         }
 
 
@@ -91,6 +96,11 @@ def load_model(source: ModelSource, manifest: Manifest, lookup: ShardLookup, opt
         raise InvalidInputError(f"no tensor named {unknown[0]!r} in the model")
     placements, device_map = plan_placements(manifest, names, options)
     before = source.transferred_bytes
+    if options.group is not None:
+        tensors, stats, coop = run_cooperative(source, manifest, placements, lookup=lookup,
+                                               threads=threads or default_threads(), group=options.group,
+                                               progress=progress)
+        return LoadResult(tensors, device_map, stats, source.transferred_bytes - before, cooperative=coop)
     tensors, stats = run_pipeline(source, placements, lookup=lookup, threads=threads or default_threads(),
                                   progress=progress)
     return LoadResult(tensors, device_map, stats, source.transferred_bytes - before)

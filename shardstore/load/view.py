@@ -92,7 +92,7 @@ class ModelView:
     def state_dict(self, device: DeviceLike | None = None, threads: int | None = None, *,
                    device_map: DeviceMap | str | None = None, max_memory: Mapping[DeviceLike, int] | None = None,
                    tp_rank: int | None = None, tp_size: int | None = None,
-                   tp_plan: TPPlan | None = None) -> dict[str, torch.Tensor]:
+                   tp_plan: TPPlan | None = None, group: Any = None) -> dict[str, torch.Tensor]:
         """Every tensor (or this tensor-parallel rank's part of it), each decoded once onto its device.
 
         ``device_map``: module prefix → device (accelerate's format), or ``"auto"`` /
@@ -100,8 +100,10 @@ class ModelView:
         pattern → split dim (0, 1) or None, first match wins (default ``{"*": 0}``).
         Shards stream in while earlier ones decode in threads; memory holds
         each tensor once plus the shards in flight (docs/loading.md).
+        ``group``: a ``torch.distributed`` process group whose ranks all call this together; each
+        shard is then fetched and decoded by one rank and the pieces exchanged (docs/loading.md).
         """
-        options = LoadOptions(device, device_map, max_memory, tp_rank, tp_size, tp_plan)
+        options = LoadOptions(device, device_map, max_memory, tp_rank, tp_size, tp_plan, group)
         tensors = self.load(options, threads=threads).tensors
         return {name: tensors[name] for name in self.keys()}
 
@@ -115,15 +117,17 @@ class ModelView:
                   device_map: DeviceMap | str | None = None, max_memory: Mapping[DeviceLike, int] | None = None,
                   tp_rank: int | None = None, tp_size: int | None = None, tp_plan: TPPlan | None = None,
                   strict: bool = True, threads: int | None = None,
-                  progress: Callable[[int], None] | None = None, cast: bool = False) -> LoadResult:
+                  progress: Callable[[int], None] | None = None, cast: bool = False,
+                  group: Any = None) -> LoadResult:
         """Make the model's tensors the module's, as ``module.load_state_dict(sd, assign=True)`` would.
 
         Works on a module built on the meta device (a transformers model gets
         what the checkpoint lacks from its own initialisation). Without ``device``
         or ``device_map`` each tensor goes where the module's tensor is now.
-        ``cast``: floating tensors take the dtype of the module's tensor they replace.
+        ``cast``: floating tensors take the dtype of the module's tensor they replace. ``group``: as
+        for :meth:`state_dict`, a process group loading cooperatively.
         """
-        options = LoadOptions(device, device_map, max_memory, tp_rank, tp_size, tp_plan)
+        options = LoadOptions(device, device_map, max_memory, tp_rank, tp_size, tp_plan, group)
         return load_module(self.source, self.manifest, self._shard, self.ref, module, options, strict=strict,
                            threads=threads, progress=progress, cast=cast)
 

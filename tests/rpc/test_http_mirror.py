@@ -115,7 +115,7 @@ def test_two_clients_through_nginx_and_a_tampered_cache_entry(minilm_dir: Path, 
 
 def test_a_mirror_that_is_down_falls_back_to_the_server(minilm_dir: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from nginx_cache import free_port
+    from helpers import free_port
 
     store = LocalStore(tmp_path / "store")
     shardstore.push(minilm_dir, "minilm:v1", store=store)
