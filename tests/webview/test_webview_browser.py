@@ -9,6 +9,7 @@ or a temporary folder printed at the start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -60,12 +61,15 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def shots(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     import os
 
     folder = Path(os.environ.get("SHARDSTORE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"\nweb view screenshots: {folder}")
+    # Named in the test run's own output (not swallowed by output capture), so the images can be found.
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        print(f"\nweb view screenshots: {folder}", flush=True)
     return folder
 
 
