@@ -90,6 +90,20 @@ def test_every_torch_free_command_runs_with_torch_unimportable(tmp_path: Path) -
     assert said.stdout == "shardstore.open needs torch: pip install 'shardstore[torch]'\n"
 
 
+def test_only_the_load_package_imports_torch() -> None:
+    """Every module but ``shardstore.load`` (the lazy view and loaders) imports with torch unimportable."""
+    code = ("import importlib, pkgutil, sys; sys.modules['torch'] = None; import shardstore\n"
+            "for m in pkgutil.walk_packages(shardstore.__path__, 'shardstore.'):\n"
+            "    if m.name.startswith('shardstore.load') or m.name.endswith('__main__'):\n        continue\n"
+            "    importlib.import_module(m.name)\n    print(m.name)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    imported = set(done.stdout.split())
+    assert {"shardstore.api", "shardstore.cli.models", "shardstore.rpc.server", "shardstore.repo.snapshot",
+            "shardstore.http.app"} <= imported
+
+
 def _closure(requirements: list[str]) -> dict[str, metadata.Distribution]:
     """The installed distributions ``requirements`` need, transitively (extras of the root excluded)."""
     found: dict[str, metadata.Distribution] = {}

@@ -61,10 +61,12 @@ def test_the_config_costs_one_blob_and_no_tensor(fine_server: BackgroundServer, 
 def test_dtype_and_config_overrides_and_a_concrete_class(fine_server: BackgroundServer, minilm_dir: Path,
                                                          original: torch.nn.Module) -> None:
     url = f"grpc://{fine_server.address}/{REF}"
+    # device_map/max_memory go to the load as state_dict takes them; the other keywords to config and model.
     model = shardstore.from_pretrained(url, cls=BertModel, torch_dtype=torch.bfloat16, output_hidden_states=True,
-                                       add_pooling_layer=False)
+                                       add_pooling_layer=False, device_map="auto", max_memory={"cpu": 1 << 30})
     assert isinstance(model, BertModel) and model.pooler is None and model.config.output_hidden_states
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {str(t.device) for t in chain(model.parameters(), model.buffers())} == {"cpu"}
     assert _on_meta(model) == []
     expected = original.state_dict()
     for name, tensor in model.state_dict().items():
