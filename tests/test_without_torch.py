@@ -1,9 +1,10 @@
 """torch is an extra: push, pull, ls, inspect, verify, gc and serve run without it; open/load say so in one line.
 
 Two checks. A fast one: every command in a process where ``import torch`` fails.
-A real one: a fresh virtualenv holding shardstore and exactly the dependency
-closure pyproject.toml declares (taken from this environment's installed
-distributions, so it runs offline), where torch is not installed at all.
+A real one: a fresh virtualenv holding exactly the dependency closure
+pyproject.toml declares (linked from this environment's installed
+distributions, so it runs offline) and shardstore installed into it by
+``pip install --no-deps``, with its console script; torch is not there at all.
 """
 
 from __future__ import annotations
@@ -144,20 +145,28 @@ def test_a_fresh_virtualenv_without_torch_pushes_pulls_and_serves(tmp_path: Path
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    for dist in closure.values():
+    # The runtime dependencies, and setuptools to build with (offline: from this environment).
+    for dist in [*closure.values(), metadata.distribution("setuptools")]:
         _link_distribution(dist, site)
-    # shardstore itself as an editable install would put it (its C codec is built in place).
-    package = tmp_path / "src"
-    package.mkdir()
-    (package / "shardstore").symlink_to(ROOT / "shardstore")
-    (site / "shardstore.pth").write_text(f"{package}\n")
+    # pip install of shardstore itself, from the files the Dockerfile builds from (no build outputs).
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "shardstore", source / "shardstore",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyc"))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
+                    "--no-build-isolation", "--quiet", "--disable-pip-version-check", str(source)],
+                   check=True, timeout=300, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     found = subprocess.run([str(python), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
                            capture_output=True, text=True, env=env, check=True)
     assert found.stdout.strip() == "None"  # really no torch in this environment
-    _exercise([str(python), "-m", "shardstore"], env, tmp_path)
-    said = subprocess.run([str(python), "-c", "import shardstore; shardstore.open('small:v1', store='x')"],
+    _exercise([str(venv / "bin" / "shardstore")], env, tmp_path)  # the installed console script
+    said = subprocess.run([str(python), "-c", "import shardstore; print(shardstore.__file__); "
+                           "shardstore.open('small:v1', store='x')"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     last = said.stderr.strip().splitlines()[-1]
     assert said.returncode == 1 and last.endswith("shardstore.open needs torch: pip install 'shardstore[torch]'")
+    assert said.stdout.startswith(str(site))  # the installed package, not this checkout
     shutil.rmtree(venv)
