@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from importlib import resources
 from typing import Any
@@ -63,6 +64,10 @@ SECURITY_HEADERS = {
 }
 PAGES = web.AppKey("shardstore.webview.pages", Pages)
 TEMPLATES = web.AppKey("shardstore.webview.templates", jinja2.Environment)
+# Pages get their own two threads: a burst of page views (rendering holds the GIL) waits for these,
+# never for the default executor that the object GETs of caches and mirrors use.
+WORKERS = web.AppKey("shardstore.webview.workers", ThreadPoolExecutor)
+PAGE_THREADS = 2
 
 
 def human_bytes(size: float) -> str:
@@ -100,17 +105,24 @@ def _grants(request: web.Request) -> tuple[Grant, ...]:
     return request_grants(request, _context(request).tokens)
 
 
-def _page(request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
-    env = request.app[TEMPLATES]
-    context = _context(request)
-    html = env.get_template(template).render(tokens=context.tokens is not None,
-                                             signed_in=bool(_grants(request)), **values)
-    return web.Response(text=html, status=status, content_type="text/html", charset="utf-8",
+def _render(request: web.Request, template: str, **values: Any) -> str:
+    """The page's HTML; call from any thread (a Jinja2 environment renders concurrently)."""
+    return request.app[TEMPLATES].get_template(template).render(
+        tokens=_context(request).tokens is not None, signed_in=bool(_grants(request)), **values)
+
+
+def _html(text: str, status: int = 200) -> web.Response:
+    return web.Response(text=text, status=status, content_type="text/html", charset="utf-8",
                         headers=SECURITY_HEADERS)
 
 
-async def _in_thread(func: Callable[[], Any]) -> Any:
-    return await asyncio.get_running_loop().run_in_executor(None, func)
+def _page(request: web.Request, template: str, status: int = 200, **values: Any) -> web.Response:
+    """A small page (sign-in, errors) rendered on the loop; data pages render in a worker (:func:`_run_page`)."""
+    return _html(_render(request, template, **values), status)
+
+
+async def _in_thread(request: web.Request, func: Callable[[], Any]) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(request.app[WORKERS], func)
 
 
 def _signin_redirect(request: web.Request) -> web.HTTPSeeOther:
@@ -150,9 +162,9 @@ def _missing(request: web.Request, ref: Ref | str) -> web.HTTPException:
 
 
 async def _run_page(request: web.Request, build: Callable[[], dict[str, Any]], template: str) -> web.Response:
-    """Build a page's figures in a thread; store faults become an error page that names no path."""
+    """Build a page's figures and its HTML in a worker thread; store faults become an error page naming no path."""
     try:
-        values = await _in_thread(build)
+        html = await _in_thread(request, lambda: _render(request, template, **build()))
     except web.HTTPException:
         raise
     except NotFoundError:
@@ -161,7 +173,7 @@ async def _run_page(request: web.Request, build: Callable[[], dict[str, Any]], t
     except ShardstoreError as exc:
         log.error("web view %s: %s", request.path, exc)  # the operator's log may name the store; the page does not
         raise _error(request, 500, "the store could not be read; the server log says why") from None
-    return _page(request, template, **values)
+    return _html(html)
 
 
 async def registry_page(request: web.Request) -> web.Response:
@@ -300,6 +312,12 @@ async def stylesheet(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     """Register the web view's routes on ``app``."""
     app[PAGES] = Pages(Repository(app[HTTP_CONTEXT].store))
+    app[WORKERS] = workers = ThreadPoolExecutor(max_workers=PAGE_THREADS, thread_name_prefix="shardstore-webview")
+
+    async def stop_workers(_app: web.Application) -> None:
+        workers.shutdown(wait=False, cancel_futures=True)
+
+    app.on_cleanup.append(stop_workers)
     app[TEMPLATES] = env = _environment()
     for name in ("registry.html", "model.html", "compare.html", "signin.html", "error.html"):
         env.get_template(name)  # compiled at start (about 0.1 s), not on some visitor's first page
