@@ -250,7 +250,8 @@ def _current_if_same(target: PushTarget, ref: Ref, manifest: Manifest) -> str | 
     try:
         current_id = resolve(ref)
         current = get_manifest(current_id)
-    except NotFoundError:
+    except (NotFoundError, PermissionError):
+        # A write-only token may not read the ref it replaces: push on, and let the write's own check judge it.
         return None
     return str(current_id) if _without_time(current) == _without_time(manifest) else None
 
