@@ -47,12 +47,13 @@ import grpc
 from shardstore.errors import IntegrityError, InvalidInputError, StoreError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
+from shardstore.format.safetensors_io import MAX_HEADER_BYTES
 from shardstore.repo.refs import Ref, parse_ref
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
 from shardstore.rpc.auth import AUTHORIZATION_KEY, BEARER, CLIENT_TOKEN_ENV
 from shardstore.rpc.http_fetch import HttpObjectFetcher, default_mirror
-from shardstore.rpc.server import _MESSAGE_LIMIT, CHUNK_BYTES
+from shardstore.rpc.server import _MESSAGE_LIMIT, CHUNK_BYTES, MAX_OBJECT_BYTES
 from shardstore.rpc.status import RETRYABLE_CODES, error_from_rpc
 from shardstore.rpc.tls import ClientTls
 from shardstore.store.cache import ShardCache
@@ -79,6 +80,8 @@ DEFAULT_PREFETCH_SHARDS = 4
 SIGN_BATCH = 64
 
 _DONE = object()
+# A safetensors header blob: its 8-byte length, then at most MAX_HEADER_BYTES of JSON.
+_HEADER_BLOB_LIMIT = 8 + MAX_HEADER_BYTES
 
 log = logging.getLogger("shardstore.rpc.client")
 
@@ -193,6 +196,9 @@ class GrpcClient:
                          else grpc.insecure_channel(address, options=options))
         self._stub = pb_grpc.RegistryStub(self._channel)  # type: ignore[no-untyped-call]
         self._lock = threading.Lock()
+        # The size each object must have, from the manifests this client fetched (exact), or a cap
+        # (safetensors headers): a server's stream is never believed past what was asked for.
+        self._expected_sizes: dict[str, tuple[int, bool]] = {}
         self._received = 0
         self.cached_shards = 0
         self.fetched_shards = 0
@@ -288,7 +294,29 @@ class GrpcClient:
             return bytes(response.manifest)
 
         # parse_manifest checks the bytes against the id before anything else.
-        return parse_manifest(self._retrying(f"get manifest {manifest_id}", call), manifest_id)
+        manifest = parse_manifest(self._retrying(f"get manifest {manifest_id}", call), manifest_id)
+        self._expect(manifest)
+        return manifest
+
+    def _expect(self, manifest: Manifest) -> None:
+        """Remember the sizes a verified manifest gives its objects: they bound what the server may send."""
+        with self._lock:
+            for shard_id, size in manifest.shards.items():
+                self._expected_sizes[shard_id] = (size, True)
+            for blob in manifest.blobs.values():
+                self._expected_sizes[blob.id] = (blob.size, True)
+            for record in manifest.files:
+                self._expected_sizes.setdefault(record.header, (_HEADER_BLOB_LIMIT, False))
+
+    def _bound(self, label: str, object_id: str, declared: int, received: int) -> None:
+        """Refuse a stream that declares or sends more than the object may have (exact when a manifest said)."""
+        with self._lock:
+            limit, exact = self._expected_sizes.get(object_id, (MAX_OBJECT_BYTES, False))
+        if (exact and declared != limit) or declared > limit:
+            what = "the manifest says" if exact else "the limit is"
+            raise IntegrityError(f"{label} {object_id}: server declared {declared} bytes, {what} {limit}; refused")
+        if received > declared:
+            raise IntegrityError(f"{label} {object_id}: server sent over the {declared} bytes it declared; refused")
 
     def get_blob(self, blob_id: str) -> bytes:
         check_object_id(blob_id, "blob id")
@@ -298,10 +326,17 @@ class GrpcClient:
 
         def call() -> bytes:
             parts: list[bytes] = []
+            received = 0
             request = pb.GetBlobRequest(blob_id=blob_id)
-            for chunk in self._stub.GetBlob(request, **self._unary_options):
-                self._count(chunk.ByteSize())
-                parts.append(chunk.data)
+            stream = self._stub.GetBlob(request, **self._unary_options)
+            try:
+                for chunk in stream:
+                    self._count(chunk.ByteSize())
+                    received += len(chunk.data)
+                    self._bound("blob", blob_id, chunk.total_size, received)
+                    parts.append(chunk.data)
+            finally:
+                stream.cancel()  # a refused stream is ended now, not when the server tires
             return b"".join(parts)
 
         data = self._retrying(f"get blob {blob_id}", call)
@@ -465,6 +500,8 @@ class GrpcClient:
                         raise IntegrityError(
                             f"shard {expected}: server sent {chunk.id} at offset {chunk.offset}, expected {filled}"
                         )
+                    assert expected is not None  # chunk.id matched it
+                    self._bound("shard", expected, chunk.total_size, filled + len(chunk.data))
                     parts.append(chunk.data)
                     filled += len(chunk.data)
                     if filled < chunk.total_size:
