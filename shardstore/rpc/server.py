@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -524,7 +525,12 @@ class RegistryServer:
     async def start(self) -> None:
         await self.server.start()
         if self.http is not None:
-            port = await self.http.start()
+            try:
+                port = await self.http.start()
+            except BaseException:
+                await self.server.stop(None)  # a half-started server would outlive the error and its event loop
+                self.servicer.close()
+                raise
             self.http_address = f"{self.address.rsplit(':', 1)[0]}:{port}"
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -539,6 +545,23 @@ class RegistryServer:
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Fail with the OS's reason (port in use, address not ours) before grpc logs its own error on stderr.
+
+    A probe socket with SO_REUSEADDR, as servers bind: only a socket already listening there refuses
+    it. grpc's own bind still decides (this is a check, not a reservation).
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise InvalidInputError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def create_server(
@@ -595,9 +618,15 @@ def create_server(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     address = f"{host}:{port}"
-    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    _check_can_listen(host, port)
+    try:
+        bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError:  # grpc >= 1.5x raises where older versions returned 0
+        bound = 0
     if bound == 0:
-        raise InvalidInputError(f"cannot listen on {host}:{port}")
+        # grpc says no more than "failed to bind"; these are the two reasons a user can act on.
+        raise InvalidInputError(f"cannot listen on {host}:{port}: the port is in use, or {host} is not an address "
+                                "of this machine")
     display_host = f"[{host}]" if ":" in host else host
     http = None
     if http_port is not None:

@@ -18,8 +18,12 @@ from storage options (``--storage-option endpoint_url=http://...``).
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from typing import IO, Any, TypeVar
+
+import fsspec
 
 from shardstore.errors import NotFoundError, StoreError
 from shardstore.store.base import StoreCapabilities
@@ -30,6 +34,10 @@ T = TypeVar("T")
 # Concurrent requests one store issues for bulk reads and writes (pull prefetch, push).
 DEFAULT_S3_CONCURRENCY = 8
 DEFAULT_MAX_ATTEMPTS = 6
+# botocore waits 60 s for a TCP connection by default; an endpoint that takes longer is down.
+CONNECT_TIMEOUT_S = 10
+# The first request of a store (_contact): no retries, and this long at most to connect and to answer.
+PROBE_TIMEOUT_S = 5
 
 
 def _error_code(exc: BaseException) -> str:
@@ -50,12 +58,59 @@ class S3Store(FsspecStore):
                  **storage_options: Any) -> None:
         config = dict(storage_options.pop("config_kwargs", {}) or {})
         config.setdefault("retries", {"max_attempts": DEFAULT_MAX_ATTEMPTS, "mode": "standard"})
+        config.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
         super().__init__(url, config_kwargs=config, **storage_options)
+        # The first contact goes through a twin without retries: see _contact.
+        self._probe_options = {**storage_options, "skip_instance_cache": True,
+                               "config_kwargs": {**config, "retries": {"max_attempts": 1, "mode": "standard"},
+                                                 "connect_timeout": PROBE_TIMEOUT_S, "read_timeout": PROBE_TIMEOUT_S}}
+        self._endpoint_configured = bool(storage_options.get("endpoint_url")
+                                         or (storage_options.get("client_kwargs") or {}).get("endpoint_url")
+                                         or os.environ.get("AWS_ENDPOINT_URL")
+                                         or os.environ.get("AWS_ENDPOINT_URL_S3"))
+        self._contacted = False
+        self._contact_lock = threading.Lock()
         self.bucket = self.root.split("/", 1)[0]
         self.conditional_writes = str(conditional_writes).lower() not in ("false", "0", "no")
         self.capabilities = StoreCapabilities(atomic_compare_and_set=self.conditional_writes, shared=True)
         self.concurrency = max(1, int(concurrency or DEFAULT_S3_CONCURRENCY))
         self._bucket_checked = False
+
+    # -- first contact -------------------------------------------------------------
+
+    def _contact(self) -> None:
+        """Once per store, before its first request: one HEAD of the bucket with no retries and short timeouts.
+
+        botocore retries a refused connection with backoff (6 attempts: ~27 s) and waits 60 s for a
+        connection by default; that is right for a store that answered before and hiccups, and wrong
+        for a wrong endpoint, a missing endpoint or missing credentials, which no retry fixes. So the
+        first request is made alone and fails in seconds with one line; every later one is retried.
+        Anything the endpoint *answers* (even 403 or 404) passes: those are reported where they matter.
+        """
+        if self._contacted:
+            return
+        with self._contact_lock:
+            if self._contacted:
+                return
+            try:
+                probe, _root = fsspec.core.url_to_fs(self.url, **self._probe_options)
+                probe.retries = 1  # s3fs's own retry loop, on top of botocore's
+                probe.call_s3("head_bucket", Bucket=self.bucket)
+            except Exception as exc:
+                if _unreachable(exc):
+                    raise self._no_contact(exc) from None
+            self._contacted = True
+
+    def _no_contact(self, exc: BaseException) -> StoreError:
+        import botocore.exceptions as errors  # type: ignore[import-untyped]
+
+        if isinstance(exc, errors.NoCredentialsError | errors.PartialCredentialsError):
+            return StoreError(f"{self.url}: no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                              "(or AWS_PROFILE), or pass -o key=... -o secret=...")
+        hint = "" if self._endpoint_configured else (" (no endpoint is set: for MinIO or another S3-compatible "
+                                                     "store set AWS_ENDPOINT_URL or -o endpoint_url=...)")
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return StoreError(f"{self.url}: cannot reach the S3 endpoint: {reason}{hint}")
 
     # -- errors --------------------------------------------------------------------
 
@@ -75,6 +130,7 @@ class S3Store(FsspecStore):
         return True
 
     def _guard(self, key: str, action: str, call: Callable[[], T]) -> T:
+        self._contact()
         try:
             return call()
         except FileNotFoundError as exc:
@@ -102,6 +158,18 @@ class S3Store(FsspecStore):
 
     def modified(self, key: str) -> float | None:
         return self._guard(key, "stat in", lambda: modified_time(self._info(key)))
+
+    def _info(self, key: str) -> dict[str, Any]:
+        self._contact()
+        return super()._info(key)
+
+    def _find(self, prefix: str) -> dict[str, dict[str, Any]]:
+        self._contact()
+        return super()._find(prefix)
+
+    def delete(self, key: str) -> None:
+        self._contact()
+        super().delete(key)
 
     def exists(self, key: str) -> bool:
         try:
@@ -133,6 +201,7 @@ class S3Store(FsspecStore):
 
         ``data`` may be an open file: botocore then reads it in pieces (one PUT, up to 5 GiB).
         """
+        self._contact()
         body = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         try:
             self.fs.call_s3("put_object", Bucket=self.bucket, Key=self._path(key).split("/", 1)[1],
@@ -184,6 +253,23 @@ class S3Store(FsspecStore):
         if _read_body(self.fs, current) != expected:
             return False
         return self._put_object(key, new, IfMatch=etag)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether a failed request never got an answer from S3: no credentials to sign it, no connection, no reply."""
+    import botocore.exceptions as errors
+
+    # ConnectionError covers refused and timed-out connections, to the endpoint or to a proxy.
+    unanswered = (errors.NoCredentialsError, errors.PartialCredentialsError, errors.ConnectionError,
+                  errors.HTTPClientError, errors.InvalidEndpointConfigurationError, TimeoutError)
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, unanswered):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _read_body(fs: Any, body: Any) -> bytes:
