@@ -37,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     def ready(registry: RegistryServer) -> None:
         # The bound address (the port, when --port 0) is how scripts and tests find the server.
         address = registry.address
+        metrics.readiness = lambda: registry.serving
         ready_state["http_address"] = registry.http_address
         if args.json:
             print(json.dumps({"address": address, "store": store.url, "metrics_address": metrics_address,

@@ -11,16 +11,25 @@ mix them). Two sources feed it:
 
 Shard fetch latency (a store read plus the id check, on a cache miss) is timed
 by the servicer itself through :meth:`ServerMetrics.time_shard_fetch`.
+
+The same HTTP port answers the probes of orchestrators that speak HTTP but not
+gRPC over TLS (Kubernetes' gRPC probe is plaintext only): ``/healthz`` (the
+process answers: liveness) and ``/readyz`` (the gRPC server has started and is
+not shutting down: readiness, 503 otherwise). Any other path is 404, so a probe
+aimed at a wrong path fails instead of reading metrics text as "healthy".
 """
 
 from __future__ import annotations
 
+import socket
+import socketserver
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -114,6 +123,8 @@ class ServerMetrics:
         self._watched = False
         self._http: Any = None
         self._http_thread: Any = None
+        # Whether the server takes calls now (/readyz); set by whoever runs the server (cli/serve.py).
+        self.readiness: Callable[[], bool] = lambda: False
 
     def watch(self, servicer: Watched) -> None:
         """Export ``servicer``'s counters. One servicer per metrics object: two would sum into one series."""
@@ -157,11 +168,47 @@ class ServerMetrics:
         """Serve ``/metrics`` on ``host:port`` (0: a free port) in a daemon thread; returns the bound port."""
         if self._http is not None:
             raise ValueError("metrics are already served")
+        from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+        class Server(socketserver.ThreadingMixIn, WSGIServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class QuietHandler(WSGIRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                """Probes come every few seconds: no access log (the gRPC request log is the one that counts)."""
+
         try:
-            self._http, self._http_thread = start_http_server(port, addr=host, registry=self.registry)
+            self._http = make_server(host.strip("[]"), port, self._wsgi_app(), Server, handler_class=QuietHandler)
         except OSError as exc:
             raise InvalidInputError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+        self._http_thread = threading.Thread(target=self._http.serve_forever, name="shardstore-metrics", daemon=True)
+        self._http_thread.start()
         return int(self._http.server_port)
+
+    def _wsgi_app(self) -> Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]:
+        """``/metrics`` exactly as prometheus_client serves it, ``/healthz``, ``/readyz``, 404 for the rest."""
+        metrics = make_wsgi_app(self.registry)
+
+        def answer(start_response: Callable[..., Any], status: str, text: str) -> list[bytes]:
+            body = (text + "\n").encode()
+            start_response(status, [("Content-Type", "text/plain; charset=utf-8"),
+                                    ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+            return [body]
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                return metrics(environ, start_response)  # type: ignore[no-any-return]
+            if path == "/healthz":
+                return answer(start_response, "200 OK", "ok")
+            if path == "/readyz":
+                if self.readiness():
+                    return answer(start_response, "200 OK", "ready")
+                return answer(start_response, "503 Service Unavailable", "not serving (starting or shutting down)")
+            return answer(start_response, "404 Not Found", "not found: /metrics, /healthz, /readyz")
+
+        return app
 
     def close(self) -> None:
         """Stop serving HTTP (if started); the counters stay readable."""

@@ -521,6 +521,7 @@ class RegistryServer:
         self.servicer = servicer
         self.health = health_servicer
         self.address = address
+        self.serving = False  # started and not shutting down: what /readyz on the metrics port answers
 
     async def start(self) -> None:
         await self.server.start()
@@ -534,9 +535,11 @@ class RegistryServer:
             self.http_address = f"{self.address.rsplit(':', 1)[0]}:{port}"
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.serving = True
 
     async def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
         """Graceful shutdown: report NOT_SERVING, refuse new calls, let calls in flight finish within ``grace``."""
+        self.serving = False
         await self.health.enter_graceful_shutdown()
         if self.http is not None:
             await self.http.stop()
