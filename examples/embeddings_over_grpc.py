@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import shardstore
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 SENTENCES = [

@@ -30,7 +30,7 @@ def mib(size: object) -> str:
 def lazy_layer_over_grpc(store: str, cache: Path, model_raw_bytes: int, layer: str = "encoder.layer.3.") -> None:
     """Serve the store on 127.0.0.1 (a free port), read one layer lazily over gRPC, stop the server."""
     import shardstore as api
-    from shardstore.rpc.server import BackgroundServer
+    from shardstore.rpc.background import BackgroundServer
     from shardstore.store import open_store
 
     with BackgroundServer(open_store(store)) as server:

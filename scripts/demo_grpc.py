@@ -13,7 +13,7 @@ import sys
 import tempfile
 
 import shardstore
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import open_store
 
 

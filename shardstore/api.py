@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec
 from shardstore.extras import require_torch
+from shardstore.registry import locate, open_registry
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
 from shardstore.repo.policy import Policy
 from shardstore.repo.pull import PullReport
@@ -21,9 +22,8 @@ from shardstore.repo.pull import pull as _pull
 from shardstore.repo.push import PushReport
 from shardstore.repo.push import push as _push
 from shardstore.repo.refs import parse_ref
-from shardstore.repo.repository import Repository
-from shardstore.rpc import is_grpc_url, is_tls_url, split_grpc_url
-from shardstore.store import Store, open_store
+from shardstore.repo.registry import Registry
+from shardstore.store import Store
 
 if TYPE_CHECKING:  # torch and grpc are imported only when needed, keeping the CLI quick
     import torch
@@ -31,50 +31,18 @@ if TYPE_CHECKING:  # torch and grpc are imported only when needed, keeping the C
     from shardstore.load.loader import LoadResult
     from shardstore.load.view import ModelView
     from shardstore.repo.snapshot import SnapshotReport
-    from shardstore.rpc.client import GrpcClient
     from shardstore.rpc.tls import ClientTls
 
 
-def _repository(store: str | Store | None) -> Repository:
-    return Repository(open_store(store))
-
-
-def _grpc_target(ref: str, store: str | Store | None) -> tuple[str, str] | None:
-    """(address, ``name:tag``) when ``ref`` is ``grpc://host:port/name:tag`` or ``store`` is ``grpc://host:port``."""
-    if is_grpc_url(ref):
-        address, ref_text = split_grpc_url(ref)
-        return address, ref_text or "latest"
-    if isinstance(store, str) and is_grpc_url(store):
-        return split_grpc_url(store)[0], ref
-    return None
-
-
-def _grpc_client(address: str, cache: str | os.PathLike[str] | None, use_cache: bool = True, *,
-                 token: str | None = None, tls: ClientTls | None = None, secure: bool = False,
-                 timeout: float | None = None, mirror: str | None = None) -> GrpcClient:
-    """A client for ``address``; ``secure`` (a ``grpcs://`` URL) means TLS, with the system's roots unless ``tls``.
-
-    ``timeout``: how long any call waits for the server's answer or a stream for its next message.
-    """
-    from shardstore.rpc.client import GrpcClient
-    from shardstore.rpc.tls import ClientTls
-    from shardstore.store.cache import ShardCache
-
-    if tls is None and secure:
-        tls = ClientTls()
-    client = GrpcClient(address, cache=ShardCache(cache) if cache is not None else None, use_cache=use_cache,
-                        token=token, tls=tls, mirror=mirror)
-    if timeout is not None:
-        client.timeout = client.idle_timeout = timeout
-    return client
-
-
-def connect(url: str, *, token: str | None = None, tls: ClientTls | None = None,
+def connect(url: str | Store | None = None, *, token: str | None = None, tls: ClientTls | None = None,
             cache: str | os.PathLike[str] | None = None, timeout: float | None = None,
-            mirror: str | None = None) -> GrpcClient:
-    """A client for the server of ``grpc[s]://host:port[/name:tag]`` (a context manager: close it)."""
-    return _grpc_client(split_grpc_url(url)[0], cache, token=token, tls=tls, secure=is_tls_url(url), timeout=timeout,
-                        mirror=mirror)
+            mirror: str | None = None) -> Registry:
+    """The registry at ``url``: a server (``grpc[s]://host:port[/name:tag]``) or a store. Close it when done.
+
+    ``token``, ``tls``, ``cache``, ``timeout`` and ``mirror`` concern servers (see
+    :func:`shardstore.registry.open_registry`).
+    """
+    return open_registry(url, cache=cache, token=token, tls=tls, timeout=timeout, mirror=mirror)
 
 
 def push(
@@ -110,17 +78,13 @@ def push(
     """
     from shardstore.repo.delta import DeltaBase
 
-    remote = _grpc_target(ref, store)
-    if remote is not None:
-        with _grpc_client(remote[0], None, use_cache=False, token=token, tls=tls,
-                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout, mirror=mirror) as client:
-            return _push(src, parse_ref(remote[1]), client, codec=codec, chunk_bytes=chunk_bytes, threads=threads,
-                         progress=progress, base=DeltaBase(client, parse_ref(base)) if base else None,
-                         policy=policy, include=include, exclude=exclude)
-    repo = _repository(store)
-    return _push(src, parse_ref(ref), repo, codec=codec, chunk_bytes=chunk_bytes,
-                 threads=threads, progress=progress, base=DeltaBase(repo, parse_ref(base)) if base else None,
-                 policy=policy, include=include, exclude=exclude)
+    location, ref_text = locate(ref, store)
+    # A push reads only the base's shards it codes against: not worth keeping in the shard cache.
+    with open_registry(location, use_cache=False, token=token, tls=tls, timeout=timeout,
+                       mirror=mirror) as registry:
+        return _push(src, parse_ref(ref_text), registry, codec=codec, chunk_bytes=chunk_bytes, threads=threads,
+                     progress=progress, base=DeltaBase(registry, parse_ref(base)) if base else None, policy=policy,
+                     include=include, exclude=exclude)
 
 
 def pull(
@@ -149,14 +113,10 @@ def pull(
     Over gRPC, shards are kept in the local shard cache (``cache``, default
     ``$SHARDSTORE_CACHE`` or ``~/.cache/shardstore``) and fetched only when missing there.
     """
-    remote = _grpc_target(ref, store)
-    if remote is not None:
-        with _grpc_client(remote[0], cache, token=token, tls=tls,
-                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout, mirror=mirror) as client:
-            return _pull(client, remote[1], dest, only=only, exclude=exclude, weights=weights, threads=threads,
-                         progress=progress)
-    return _pull(_repository(store), ref, dest, only=only, exclude=exclude, weights=weights, threads=threads,
-                 progress=progress)
+    location, ref_text = locate(ref, store)
+    with open_registry(location, cache=cache, token=token, tls=tls, timeout=timeout, mirror=mirror) as registry:
+        return _pull(registry, ref_text, dest, only=only, exclude=exclude, weights=weights, threads=threads,
+                     progress=progress)
 
 
 def snapshot(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
@@ -181,12 +141,9 @@ def snapshot_report(ref: str, *, store: str | Store | None = None, cache: str | 
     from shardstore.store.cache import default_cache_dir
 
     root = (Path(cache).expanduser() if cache is not None else default_cache_dir()).absolute()
-    remote = _grpc_target(ref, store)
-    if remote is not None:
-        with _grpc_client(remote[0], root, token=token, tls=tls,
-                          secure=is_tls_url(ref) or is_tls_url(store), timeout=timeout, mirror=mirror) as client:
-            return _snapshot(client, remote[1], root, threads=threads, progress=progress)
-    return _snapshot(_repository(store), ref, root, threads=threads, progress=progress)
+    location, ref_text = locate(ref, store)
+    with open_registry(location, cache=root, token=token, tls=tls, timeout=timeout, mirror=mirror) as registry:
+        return _snapshot(registry, ref_text, root, threads=threads, progress=progress)
 
 
 def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
@@ -201,23 +158,16 @@ def open(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike
     require_torch("shardstore.open")
     from shardstore.load.view import ModelView
 
-    remote = _grpc_target(ref, store)
-    if remote is None:
-        source: Any = _repository(store)
-        ref_text = ref
-    else:
-        source = _grpc_client(remote[0], cache, token=token, tls=tls, secure=is_tls_url(ref) or is_tls_url(store),
-                              timeout=timeout, mirror=mirror)
-        ref_text = remote[1]
+    location, ref_text = locate(ref, store)
+    registry = open_registry(location, cache=cache, token=token, tls=tls, timeout=timeout, mirror=mirror)
     try:
         parsed = parse_ref(ref_text)
-        manifest_id = source.resolve(parsed)
-        manifest = source.get_manifest(manifest_id)
+        manifest_id = registry.resolve(parsed)
+        manifest = registry.get_manifest(manifest_id)
     except BaseException:
-        if remote is not None:
-            source.close()
+        registry.close()
         raise
-    return ModelView(source, str(parsed), manifest_id, manifest, owns_source=remote is not None, **options)
+    return ModelView(registry, str(parsed), manifest_id, manifest, **options)
 
 
 def load_into(module: torch.nn.Module, ref: str, *, store: str | Store | None = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardstore.cli.common import (
     Commands,
@@ -17,6 +17,9 @@ from shardstore.cli.common import (
 from shardstore.codecs import DEFAULT_CODEC_NAME, codec_names
 from shardstore.errors import InvalidInputError
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
+
+if TYPE_CHECKING:
+    from shardstore.repo.registry import Registry
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -99,33 +102,23 @@ def cmd_snapshot(args: argparse.Namespace) -> None:
         print(report.path)  # alone on stdout, as `hf download` prints its folder: `cd $(shardstore snapshot REF)`
 
 
-def _registry(args: argparse.Namespace, url: str | None) -> tuple[Any, str]:
-    """A repository, or a client when ``url`` is ``grpc[s]://``: something to list, resolve and read manifests from."""
-    from shardstore.rpc import is_grpc_url
+def _registry(args: argparse.Namespace, location: str | None) -> Registry:
+    """The registry at ``location`` (a server URL), else at ``--store``."""
+    from shardstore.registry import open_registry
 
-    if url is not None and is_grpc_url(url):
-        from shardstore.api import connect
-
-        return connect(url, **client_options(args)), url
-    from shardstore.repo.repository import Repository
-    from shardstore.store import open_store
-
-    repo = Repository(open_store(args.store))
-    return repo, repo.store.url
+    return open_registry(location if location is not None else args.store, use_cache=False,
+                         **client_options(args))
 
 
 def cmd_ls(args: argparse.Namespace) -> None:
-    repo, url = _registry(args, args.store if isinstance(args.store, str) else None)
     models: list[dict[str, Any]] = []
-    try:
-        for ref, manifest_id in repo.list_refs():
-            manifest = repo.get_manifest(manifest_id)
+    with _registry(args, None) as registry:
+        url = registry.url
+        for ref, manifest_id in registry.list_refs():
+            manifest = registry.get_manifest(manifest_id)
             models.append({"ref": str(ref), "manifest_id": manifest_id, "raw_bytes": manifest.raw_bytes,
                            "stored_bytes": manifest.stored_bytes, "tensors": len(manifest.tensors),
                            "created": manifest.created})
-    finally:
-        if hasattr(repo, "close"):
-            repo.close()
 
     def human() -> str:
         if not models:
@@ -148,18 +141,13 @@ def _created_text(created: str | None) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
+    from shardstore.registry import locate
     from shardstore.repo.inspect import describe
     from shardstore.repo.repository import resolve_ref_text
-    from shardstore.rpc import is_grpc_url, split_grpc_url
 
-    remote = is_grpc_url(args.ref)
-    repo, _url = _registry(args, args.ref if remote else args.store if isinstance(args.store, str) else None)
-    try:
-        ref_text = (split_grpc_url(args.ref)[1] or "latest") if remote else args.ref
-        ref, manifest_id, manifest = resolve_ref_text(repo, ref_text)
-    finally:
-        if hasattr(repo, "close"):
-            repo.close()
+    location, ref_text = locate(args.ref, args.store)
+    with _registry(args, location if isinstance(location, str) else None) as registry:
+        ref, manifest_id, manifest = resolve_ref_text(registry, ref_text)
     info = describe(manifest, str(ref), manifest_id)
 
     def human() -> str:

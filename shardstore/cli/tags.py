@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shardstore.cli.common import Commands, add_client_options, add_common_options, emit
 from shardstore.errors import InvalidInputError
 from shardstore.repo.refs import Ref, parse_ref
 
+if TYPE_CHECKING:
+    from shardstore.repo.registry import Registry
 
-def _open(args: argparse.Namespace, *texts: str) -> tuple[Any, list[Ref], str]:
+
+def _open(args: argparse.Namespace, *texts: str) -> tuple[Registry, list[Ref], str]:
     """The registry the refs live in (a store, or the one server their URLs name) and the parsed refs.
 
     A ref is ``name:tag`` in ``--store`` (which may be ``grpc://HOST:PORT``) or ``grpc[s]://HOST:PORT/name:tag``;
@@ -25,17 +28,15 @@ def _open(args: argparse.Namespace, *texts: str) -> tuple[Any, list[Ref], str]:
         raise InvalidInputError(f"{' and '.join(urls)}: refs on two servers; a tag stays within one registry")
     url = urls[0] if urls else args.store if isinstance(args.store, str) else None
     refs = [parse_ref((split_grpc_url(t)[1] or "latest") if is_grpc_url(t) else t) for t in texts]
-    registry, where = _registry(args, url)
+    registry = _registry(args, url)
+    where = registry.url
     return registry, refs, where.split("/", 3)[2] if is_grpc_url(where) else where
 
 
 def cmd_tag(args: argparse.Namespace) -> None:
     registry, (src, dst), where = _open(args, args.src, args.dst)
-    try:
+    with registry:
         manifest_id = registry.tag(src, dst)
-    finally:
-        if hasattr(registry, "close"):
-            registry.close()
     emit(args, {"source": str(src), "ref": str(dst), "manifest_id": manifest_id, "registry": where},
          lambda: f"tagged {src} as {dst} (manifest {manifest_id[:12]}) in {where}")
 
@@ -43,12 +44,9 @@ def cmd_tag(args: argparse.Namespace) -> None:
 def cmd_rm(args: argparse.Namespace) -> None:
     registry, refs, where = _open(args, *args.refs)
     removed: list[dict[str, str]] = []
-    try:
+    with registry:
         for ref in refs:
             removed.append({"ref": str(ref), "manifest_id": registry.delete_ref(ref)})
-    finally:
-        if hasattr(registry, "close"):
-            registry.close()
 
     def human() -> str:
         lines = [f"removed {r['ref']} (manifest {r['manifest_id'][:12]})" for r in removed]

@@ -167,7 +167,7 @@ def read_file_header(path: str, what: str | None = None) -> SafetensorsHeader:
     return parse_header(header_bytes, what, file_size - _LEN.size - length)
 
 
-def parse_bytes(data: bytes | memoryview, what: str) -> tuple[SafetensorsHeader, memoryview]:
+def parse_bytes(data: bytes | bytearray | memoryview, what: str) -> tuple[SafetensorsHeader, memoryview]:
     """Parse a whole safetensors file held in memory; returns the header and the data area."""
     view = memoryview(data).cast("B")
     length = header_length(bytes(view[: _LEN.size]), what, len(view))

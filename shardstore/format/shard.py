@@ -10,6 +10,9 @@ carries one key, ``"shardstore"``, whose value is canonical JSON::
                        "codec": [{"id": "byteplanes-zstd.v1", "level": 3}],
                        "checksum": "<blake3 of the decoded bytes>"}}}
 
+Decoding a stream is not this module's business (``format`` is a leaf and
+imports no codec): :func:`shardstore.repo.pieces.decode_stream` does it.
+
 Tensor names and row offsets are deliberately *not* in the shard: they live in
 the manifest, so identical data under another name, in another model or at
 another row offset produces the same shard bytes and the same shard id
@@ -21,11 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from shardstore.codecs.base import Buffer, PieceInfo
-from shardstore.codecs.pipeline import Pipeline
-from shardstore.errors import CodecError, FormatError, IntegrityError
+from shardstore.errors import FormatError, IntegrityError
 from shardstore.format import canonical_json
 from shardstore.format.digest import HASH_NAME, digest, is_object_id
+from shardstore.format.dtypes import nbytes
 from shardstore.format.safetensors_io import (
     SafetensorsHeader,
     build_header,
@@ -49,8 +51,9 @@ class StreamHeader:
     checksum: str  # digest of the decoded bytes
 
     @property
-    def info(self) -> PieceInfo:
-        return PieceInfo(self.dtype, self.shape)
+    def nbytes(self) -> int:
+        """Bytes of the decoded piece."""
+        return nbytes(self.dtype, self.shape)
 
     def to_json(self) -> dict[str, Any]:
         return {"dtype": self.dtype, "shape": list(self.shape), "codec": list(self.codec), "checksum": self.checksum}
@@ -61,19 +64,12 @@ class Shard:
     shard_id: str
     streams: dict[str, tuple[StreamHeader, memoryview]]
 
-    def decode(self, key: str, out: memoryview | None = None) -> Buffer:
-        """Decode one stream (into ``out`` when given) and check it against its checksum."""
+    def stream(self, key: str) -> tuple[StreamHeader, memoryview]:
+        """One stream's header and encoded bytes; a :class:`FormatError` naming the shard when it has none."""
         try:
-            header, payload = self.streams[key]
+            return self.streams[key]
         except KeyError:
             raise FormatError(f"shard {self.shard_id}: has no stream {key!r}") from None
-        try:
-            decoded = Pipeline.from_configs(header.codec).decode(payload, header.info, out)
-        except CodecError as exc:
-            raise IntegrityError(f"shard {self.shard_id}: stream {key} cannot be decoded: {exc}") from None
-        if len(decoded) != header.info.nbytes or digest(decoded) != header.checksum:
-            raise IntegrityError(f"shard {self.shard_id}: stream {key} decodes to bytes that fail its checksum")
-        return decoded
 
 
 def build_shard(streams: list[tuple[StreamHeader, bytes]]) -> bytes:
@@ -122,7 +118,7 @@ def _stream_headers(header: SafetensorsHeader, what: str) -> dict[str, StreamHea
     return streams
 
 
-def parse_shard(data: bytes | memoryview, shard_id: str, *, verify_id: bool = True) -> Shard:
+def parse_shard(data: bytes | bytearray | memoryview, shard_id: str, *, verify_id: bool = True) -> Shard:
     """Check the bytes against their id (DESIGN invariant 3), then parse strictly."""
     what = f"shard {shard_id}"
     if verify_id and digest(data) != shard_id:

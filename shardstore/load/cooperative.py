@@ -43,7 +43,7 @@ from shardstore.load.pipeline import PipelineStats, Placement, _Sink, _sink_for,
 from shardstore.load.tensor_parallel import Cut
 from shardstore.repo.pieces import ShardLookup
 from shardstore.repo.pool import ordered_map
-from shardstore.repo.repository import ModelSource
+from shardstore.repo.registry import ModelSource, ShardData
 
 # Bytes one rank sends or receives per exchange round: big enough that a round's latency is noise,
 # small enough that the send and receive buffers stay a small fraction of any real model.
@@ -227,7 +227,7 @@ def _exchange_round(source: ModelSource, shard_round: list[str], items: dict[str
             slots[(dst, item.placement.name, *item.piece.rows)] = memoryview(send.data)[offset : offset + item.nbytes]
             offset += item.nbytes
 
-    def place_shard(entry: tuple[str, bytes]) -> int:
+    def place_shard(entry: tuple[str, ShardData]) -> int:
         shard_id, data = entry
         shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
         written = 0

@@ -20,7 +20,7 @@ from shardstore.load.pipeline import PipelineStats, Placement, run_pipeline
 from shardstore.load.tensor_parallel import TPPlan, check_plan, cut_for
 from shardstore.repo.pieces import ShardLookup
 from shardstore.repo.pool import default_threads
-from shardstore.repo.repository import ModelSource
+from shardstore.repo.registry import ModelSource
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from shardstore.errors import InvalidInputError
 from shardstore.format.manifest import Manifest
 from shardstore.load.loader import LoadOptions, LoadResult, load_model
 from shardstore.repo.pieces import ShardLookup
-from shardstore.repo.repository import ModelSource
+from shardstore.repo.registry import ModelSource
 
 _SHOWN = 5  # names listed in a one-line error before "and N more"
 

@@ -39,7 +39,7 @@ from shardstore.load.tensor_parallel import Cut
 from shardstore.load.tensors import as_tensor, torch_dtype
 from shardstore.repo.pieces import ShardLookup, decode_piece
 from shardstore.repo.pool import ordered_map
-from shardstore.repo.repository import ModelSource
+from shardstore.repo.registry import ModelSource, ShardData
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def run_pipeline(source: ModelSource, placements: Sequence[Placement], *, lookup
             for piece in placement.pieces():
                 work.setdefault(piece.shard, []).append((placement, piece))
 
-    def place_shard(item: tuple[str, bytes]) -> int:
+    def place_shard(item: tuple[str, ShardData]) -> int:
         shard_id, data = item
         shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
         return sum(_write(sinks[p.device], p, piece, shard, lookup) for p, piece in work[shard_id])

@@ -15,6 +15,7 @@ from shardstore.codecs.quantize import QuantizedPiece, concat_pieces, quantized_
 from shardstore.errors import CodecError, InvalidInputError
 from shardstore.format.manifest import TensorRecord
 from shardstore.format.shard import Shard
+from shardstore.repo.pieces import stream_info
 
 
 def quantized_tensor(name: str, record: TensorRecord, shards: Mapping[str, Shard]) -> QuantizedPiece:
@@ -27,7 +28,7 @@ def quantized_tensor(name: str, record: TensorRecord, shards: Mapping[str, Shard
             raise InvalidInputError(f"{name}: stored as a delta against a base model, not quantized")
         header, payload = shards[piece.shard].streams[piece.stream]
         try:
-            pieces.append(quantized_piece(header.codec, payload, header.info))
+            pieces.append(quantized_piece(header.codec, payload, stream_info(header)))
         except CodecError as exc:
             raise InvalidInputError(f"{name}: {exc}") from None
     if not pieces:

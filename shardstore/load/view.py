@@ -27,7 +27,7 @@ from shardstore.load.quantized import quantized_tensor
 from shardstore.load.tensor_parallel import TPPlan
 from shardstore.load.tensors import as_tensor, torch_dtype
 from shardstore.repo.pieces import decode_piece
-from shardstore.repo.repository import ModelSource
+from shardstore.repo.registry import Registry
 
 __all__ = ["DEFAULT_SHARD_CACHE_BYTES", "ModelView", "TensorSlice", "torch_dtype"]
 
@@ -37,11 +37,10 @@ DEFAULT_SHARD_CACHE_BYTES = 64 << 20
 class ModelView:
     """A model in a store or on a server, read lazily. Use as a context manager or call close()."""
 
-    def __init__(self, source: ModelSource, ref: str, manifest_id: str, manifest: Manifest,
-                 shard_cache_bytes: int = DEFAULT_SHARD_CACHE_BYTES, owns_source: bool = False) -> None:
+    def __init__(self, source: Registry, ref: str, manifest_id: str, manifest: Manifest,
+                 shard_cache_bytes: int = DEFAULT_SHARD_CACHE_BYTES) -> None:
+        # The view owns its registry (and a server connection with it): closing the view closes it.
         self.source = source
-        # A view opened on a grpc:// URL owns its connection and closes it with itself.
-        self._owns_source = owns_source
         self.ref = ref
         self.manifest_id = manifest_id
         self.manifest = manifest
@@ -181,9 +180,7 @@ class ModelView:
         with self._lock:
             self._cache.clear()
             self._cache_bytes = 0
-        close_source = getattr(self.source, "close", None)
-        if self._owns_source and close_source is not None:
-            close_source()
+        self.source.close()
 
     def __enter__(self) -> ModelView:
         return self

@@ -33,7 +33,7 @@ from shardstore.format.manifest import MAX_DELTA_DEPTH, Manifest, PieceBase, Pie
 from shardstore.format.shard import StreamHeader
 from shardstore.repo.pieces import RecentShards, decode_piece
 from shardstore.repo.refs import Ref
-from shardstore.repo.repository import ModelSource
+from shardstore.repo.registry import ModelSource
 
 # Base shards kept parsed while pushing: the base was packed by the same plan, so the pieces
 # of one new shard mostly come from one base shard; a few cover the threads in flight.

@@ -2,8 +2,8 @@
 
 A piece is one stream of one shard, or, for a model pushed with ``--base``,
 the XOR of its stream with the base model's same piece (which may itself be a
-delta, up to ``MAX_DELTA_DEPTH`` deep). Readers never call ``Shard.decode``
-for a piece themselves: they call :func:`decode_piece` and hand it a
+delta, up to ``MAX_DELTA_DEPTH`` deep). Readers never call
+:func:`decode_stream` for a piece themselves: they call :func:`decode_piece` and hand it a
 ``lookup`` that fetches (and verifies) any further shard it needs.
 
 Each stream is checked against its own checksum as it is decoded, so the
@@ -16,22 +16,20 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from collections.abc import Callable
 
-from shardstore.codecs.base import Buffer, check_out
+from shardstore.codecs.base import Buffer, PieceInfo, check_out
 from shardstore.codecs.bits import xor_into
 from shardstore.codecs.delta import XorDeltaCodec
-from shardstore.errors import FormatError, IntegrityError
+from shardstore.codecs.pipeline import Pipeline
+from shardstore.errors import CodecError, FormatError, IntegrityError
+from shardstore.format.digest import digest
 from shardstore.format.manifest import PieceBase, PieceRef, TensorRecord
-from shardstore.format.shard import Shard, parse_shard
+from shardstore.format.shard import Shard, StreamHeader, parse_shard
+from shardstore.repo.registry import ModelSource
 
 # Fetches (and verifies) a shard by id; readers pass their cached fetch.
 ShardLookup = Callable[[str], Shard]
-
-
-class ShardFetcher(Protocol):
-    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, bytes]]: ...
 
 
 class RecentShards:
@@ -41,7 +39,7 @@ class RecentShards:
     the same plan), so a handful of recent shards saves fetching one per piece.
     """
 
-    def __init__(self, source: ShardFetcher, keep: int = 8) -> None:
+    def __init__(self, source: ModelSource, keep: int = 8) -> None:
         self._source = source
         self._keep = keep
         self._shards: OrderedDict[str, Shard] = OrderedDict()
@@ -61,6 +59,27 @@ class RecentShards:
         return shard
 
 
+def stream_info(header: StreamHeader) -> PieceInfo:
+    """What the stream's codecs are told about the piece they decode."""
+    return PieceInfo(header.dtype, header.shape)
+
+
+def decode_stream(shard: Shard, key: str, out: memoryview | None = None) -> Buffer:
+    """Decode one stream of a shard (into ``out`` when given) and check it against its checksum.
+
+    Any codec failure is an :class:`IntegrityError` naming the shard: the shard
+    matched its id, so a stream that will not decode was written wrong.
+    """
+    header, payload = shard.stream(key)
+    try:
+        decoded = Pipeline.from_configs(header.codec).decode(payload, stream_info(header), out)
+    except CodecError as exc:
+        raise IntegrityError(f"shard {shard.shard_id}: stream {key} cannot be decoded: {exc}") from None
+    if len(decoded) != header.nbytes or digest(decoded) != header.checksum:
+        raise IntegrityError(f"shard {shard.shard_id}: stream {key} decodes to bytes that fail its checksum")
+    return decoded
+
+
 def is_delta_stream(shard: Shard, stream: str) -> bool:
     """Whether the stream holds an XOR against a base piece (its pipeline starts with ``xor-delta.v1``)."""
     header = shard.streams.get(stream)
@@ -77,7 +96,7 @@ def decode_piece(shard: Shard, piece: PieceRef, record: TensorRecord, out: memor
     """
     header = shard.streams.get(piece.stream)
     expected = (piece.rows[1] - piece.rows[0]) * record.row_bytes
-    if header is not None and (header[0].dtype != record.dtype or header[0].info.nbytes != expected):
+    if header is not None and (header[0].dtype != record.dtype or header[0].nbytes != expected):
         raise IntegrityError(
             f"shard {shard.shard_id}: stream {piece.stream} declares {header[0].dtype} {list(header[0].shape)}, "
             f"the manifest expects {record.dtype} rows {piece.rows[0]}..{piece.rows[1]} ({expected} bytes)"
@@ -91,13 +110,13 @@ def _decode(shard: Shard, stream: str, base: PieceBase | None, out: memoryview |
         kind = "a delta stream" if base is None else "not a delta stream"
         raise FormatError(f"shard {shard.shard_id}: stream {stream} is {kind}, unlike what the manifest says")
     if base is None or stream not in shard.streams:
-        return shard.decode(stream, out)  # a missing stream: the shard names itself in the error
+        return decode_stream(shard, stream, out)  # a missing stream: the shard names itself in the error
     if lookup is None:
         raise FormatError(f"shard {shard.shard_id}: stream {stream} is a delta and no base shard can be fetched")
     mine = shard.streams[stream][0]
     # The XOR goes straight into the caller's buffer (or a new one), then the base is folded in.
-    target = check_out(out, mine.info.nbytes, XorDeltaCodec.codec_id)
-    shard.decode(stream, target)
+    target = check_out(out, mine.nbytes, XorDeltaCodec.codec_id)
+    decode_stream(shard, stream, target)
     base_shard = lookup(base.shard)
     theirs = base_shard.streams.get(base.stream)
     if theirs is None or (theirs[0].dtype, theirs[0].shape) != (mine.dtype, mine.shape):

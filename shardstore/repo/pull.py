@@ -30,7 +30,7 @@ from shardstore.repo.model_files import INDEX_SUFFIX
 from shardstore.repo.pieces import RecentShards, decode_piece
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.refs import parse_ref
-from shardstore.repo.repository import ModelSource
+from shardstore.repo.registry import ModelSource, ShardData
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def write_model(
     started = time.perf_counter() if started is None else started
     received_before = source.transferred_bytes if received_before is None else received_before
     # Sources with a local shard cache (the gRPC client) count what it served.
-    cached_before: int = getattr(source, "cached_shards", 0)
+    cached_before = source.cached_shards
     patterns, excluded = list(only or []), list(exclude or [])
     selected_names = select_tensors(manifest, patterns, excluded) if weights else []
     if weights and (patterns or excluded) and not selected_names:
@@ -172,7 +172,7 @@ def write_model(
                     handle.partial.unlink()
 
     blob_count = _write_blobs(source, manifest, root, selected if subset else None, excluded)
-    cached = getattr(source, "cached_shards", 0) - cached_before
+    cached = source.cached_shards - cached_before
     return PullReport(
         ref=ref,
         manifest_id=manifest_id,
@@ -200,7 +200,7 @@ def _write_tensors(
 
     lookup = RecentShards(source)  # a delta's pieces mostly read the same few base shards
 
-    def decode_and_write(item: tuple[str, bytes]) -> int:
+    def decode_and_write(item: tuple[str, ShardData]) -> int:
         shard_id, data = item
         shard = parse_shard(data, shard_id, verify_id=False)  # the source verified the id
         written = 0

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec, PieceInfo, Pipeline, codec_from_name
 from shardstore.codecs.sparse import prefer_sparse
@@ -40,25 +40,10 @@ from shardstore.repo.policy import Policy
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.quality import ErrorStats, encode_stream
 from shardstore.repo.refs import Ref
+from shardstore.repo.registry import PushTarget
 
 # The reproducible-builds convention: when set, pushes date their manifests at this time, not now.
 SOURCE_DATE_EPOCH_ENV = "SOURCE_DATE_EPOCH"
-
-
-class PushTarget(Protocol):
-    """Where a push writes: a repository over a store, or a server."""
-
-    def check_writable(self) -> object:
-        """Refuse (one line) before anything is written when the store's format is not one this program writes."""
-        ...
-
-    def put_shard(self, shard_id: str, data: bytes | memoryview) -> bool: ...
-
-    def put_blob(self, data: bytes) -> tuple[str, bool]: ...
-
-    def put_manifest(self, manifest: Manifest) -> tuple[str, int]: ...
-
-    def set_ref(self, ref: Ref, manifest_id: str) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,18 @@
 Every read first checks the store's ``config`` (once per repository), every write
 also its write features, and the first write into a store without one writes it.
 
-:class:`ModelSource` is what pull and the lazy loader read from; a repository
-over a store is one, the gRPC client is another.
+:class:`Repository` is the :class:`~shardstore.repo.registry.Registry` of a
+store; the gRPC server serves one, and every write check (a manifest names only
+stored objects, a ref names only a stored manifest) lives here, once.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Protocol
+from typing import Self
 
-from shardstore.errors import IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
+from shardstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.format.shard import StreamHeader, parse_shard_head, shard_head_length
@@ -33,6 +34,7 @@ from shardstore.format.store_config import (
 )
 from shardstore.repo.pool import ordered_map
 from shardstore.repo.refs import Ref, parse_ref, ref_from_key
+from shardstore.repo.registry import ModelSource as ModelSource  # also importable from here, as it used to be
 from shardstore.store.base import Store
 
 # A not-found error lists at most this many of the name's tags.
@@ -53,25 +55,6 @@ def manifest_key(manifest_id: str) -> str:
     return f"manifests/{manifest_id}.json"
 
 
-class ModelSource(Protocol):
-    """Where pull and load read a model from: a store, or a server."""
-
-    def resolve(self, ref: Ref) -> str: ...
-
-    def get_manifest(self, manifest_id: str) -> Manifest: ...
-
-    def get_blob(self, blob_id: str) -> bytes: ...
-
-    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
-        """Yield ``(id, bytes)`` for each id, each already checked against its id."""
-        ...
-
-    @property
-    def transferred_bytes(self) -> int:
-        """Bytes moved from the source so far (what a pull reports)."""
-        ...
-
-
 class Repository:
     """Reads and writes the objects of one store, in the order the invariants require."""
 
@@ -83,8 +66,28 @@ class Repository:
         self._writable = False
 
     @property
+    def url(self) -> str:
+        return self.store.url
+
+    @property
     def concurrency(self) -> int:
         return self.store.concurrency
+
+    @property
+    def cached_shards(self) -> int:
+        return 0  # a store is read directly: there is no cache in front of it
+
+    def close(self) -> None:
+        pass  # stores hold no connection that outlives a call
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Repository({self.store.url!r})"
 
     def _count(self, size: int) -> None:
         with self._lock:
@@ -171,6 +174,10 @@ class Repository:
         self._count(len(data))
         return parse_manifest(data, manifest_id)
 
+    def get_manifest_bytes(self, manifest_id: str) -> bytes:
+        """The stored manifest's bytes, checked against its id (what a server sends)."""
+        return self._get_verified(manifest_key(check_object_id(manifest_id, "manifest id")), manifest_id, "manifest")
+
     def _get_verified(self, key: str, object_id: str, kind: str) -> bytes:
         self.check_readable()
         data = self.store.get(key)
@@ -210,6 +217,17 @@ class Repository:
     def missing_shards(self, shard_ids: Iterable[str]) -> list[str]:
         return [s for s in dict.fromkeys(shard_ids) if not self.has_shard(s)]
 
+    def missing_blobs(self, blob_ids: Iterable[str]) -> list[str]:
+        return [b for b in dict.fromkeys(blob_ids) if not self.store.exists(blob_key(b))]
+
+    def check_complete(self, manifest: Manifest) -> None:
+        """Raise :class:`NotFoundError` naming the first shard or blob ``manifest`` names that is not stored."""
+        for shard_id in self.missing_shards(manifest.shards):
+            raise NotFoundError(f"manifest refused: shard {shard_id} is not in the store")
+        blob_ids = [f.header for f in manifest.files] + [b.id for b in manifest.blobs.values()]
+        for blob_id in self.missing_blobs(blob_ids):
+            raise NotFoundError(f"manifest refused: blob {blob_id} is not in the store")
+
     def list_refs(self) -> list[tuple[Ref, str]]:
         self.check_readable()
         refs: list[tuple[Ref, str]] = []
@@ -234,9 +252,15 @@ class Repository:
         blob_id = digest(data)
         return blob_id, self.store.put_if_absent(blob_key(blob_id), data)
 
-    def put_manifest(self, manifest: Manifest) -> tuple[str, int]:
-        """Write the manifest once every shard and blob it names is in the store (invariant 2)."""
+    def put_manifest(self, manifest: Manifest, *, check_complete: bool = False) -> tuple[str, int]:
+        """Write the manifest; its shards and blobs must already be stored (invariant 2).
+
+        A push through this repository wrote them itself just before; a writer
+        we do not control (a server's client) asks for ``check_complete``.
+        """
         self.check_writable()
+        if check_complete:
+            self.check_complete(manifest)
         data = manifest.to_bytes()
         manifest_id = digest(data)
         written = self.store.put_if_absent(manifest_key(manifest_id), data)
@@ -266,6 +290,27 @@ class Repository:
         manifest_id = self.resolve(ref)
         self.store.delete(ref.key)
         return manifest_id
+
+    def compare_and_set_ref(self, ref: Ref, manifest_id: str, expected: str | None) -> str:
+        """Point ``ref`` at a stored manifest if it points at ``expected`` ("" = must not exist; None = any).
+
+        Returns the manifest id it pointed at before ("" when new); a lost race raises :class:`ConflictError`.
+        """
+        try:
+            previous = self.resolve(ref)
+        except NotFoundError:
+            previous = ""
+        if expected is None:
+            self.set_ref(ref, manifest_id)
+            return previous
+        check_object_id(manifest_id, "manifest id")
+        self.check_writable()
+        if not self.store.exists(manifest_key(manifest_id)):
+            raise NotFoundError(f"{ref}: manifest {manifest_id} is not in the store")
+        want = (check_object_id(expected, "expected manifest id") + "\n").encode() if expected else None
+        if not self.store.compare_and_set(ref.key, want, manifest_id.encode() + b"\n"):
+            raise ConflictError(f"{ref}: changed meanwhile (expected {expected or 'no ref'}); not updated")
+        return previous
 
 
 def resolve_ref_text(source: ModelSource, text: str) -> tuple[Ref, str, Manifest]:

@@ -34,7 +34,7 @@ from typing import Any
 
 from shardstore.repo.pull import write_model
 from shardstore.repo.refs import parse_ref
-from shardstore.repo.repository import ModelSource
+from shardstore.repo.registry import ModelSource
 
 SNAPSHOTS_FOLDER = "snapshots"
 _TMP_PREFIX = ".tmp-"

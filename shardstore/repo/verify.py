@@ -27,6 +27,7 @@ from shardstore.format.digest import digest, is_object_id
 from shardstore.format.manifest import Manifest
 from shardstore.format.shard import parse_shard
 from shardstore.repo.gc import KINDS, manifest_references, object_id_of
+from shardstore.repo.pieces import decode_stream
 from shardstore.repo.pool import ordered_map
 from shardstore.repo.repository import Repository, blob_key, manifest_key, shard_key
 from shardstore.store.cache import ShardCache
@@ -95,7 +96,7 @@ def verify(repo: Repository, *, read_data: bool = False, repair: bool = False,
             data = repo.store.get(key)
             shard = parse_shard(data, shard_id)
             for stream in shard.streams:
-                shard.decode(stream)
+                decode_stream(shard, stream)
             return _Outcome(read=len(data))
         except (IntegrityError, NotFoundError) as exc:
             restored = _restore_from_cache(repo, cache, shard_id) if repair else None

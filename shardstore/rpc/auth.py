@@ -24,11 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardstore.errors import InvalidInputError, ShardstoreError
+from shardstore.rpc.wire import AUTHORIZATION_KEY, BEARER
 
 TOKENS_ENV = "SHARDSTORE_TOKENS"
-CLIENT_TOKEN_ENV = "SHARDSTORE_TOKEN"
-AUTHORIZATION_KEY = "authorization"
-BEARER = "Bearer "
 # Tokens are opaque; this charset keeps them safe in an env var, a file, an HTTP/2 header.
 _TOKEN_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=")
 MIN_TOKEN_LENGTH = 16

@@ -1,4 +1,4 @@
-"""The gRPC client: a :class:`ModelSource` for pull and open, and a :class:`PushTarget` for push.
+"""The gRPC client: the :class:`~shardstore.repo.registry.Registry` of a server.
 
 Reads:
 
@@ -51,11 +51,17 @@ from shardstore.format.safetensors_io import MAX_HEADER_BYTES
 from shardstore.repo.refs import Ref, parse_ref
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
-from shardstore.rpc.auth import AUTHORIZATION_KEY, BEARER, CLIENT_TOKEN_ENV
 from shardstore.rpc.http_fetch import HttpObjectFetcher, default_mirror
-from shardstore.rpc.server import _MESSAGE_LIMIT, CHUNK_BYTES, MAX_OBJECT_BYTES
 from shardstore.rpc.status import RETRYABLE_CODES, error_from_rpc
 from shardstore.rpc.tls import ClientTls
+from shardstore.rpc.wire import (
+    AUTHORIZATION_KEY,
+    BEARER,
+    CHUNK_BYTES,
+    CLIENT_TOKEN_ENV,
+    MAX_OBJECT_BYTES,
+    MESSAGE_LIMIT,
+)
 from shardstore.store.cache import ShardCache
 
 T = TypeVar("T")
@@ -186,8 +192,8 @@ class GrpcClient:
         self._signed_http = HttpObjectFetcher(timeout=idle_timeout or DEFAULT_TIMEOUT_S) if signed_urls else None
         self._can_sign = signed_urls
         options = [
-            ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
-            ("grpc.max_send_message_length", _MESSAGE_LIMIT),
+            ("grpc.max_receive_message_length", MESSAGE_LIMIT),
+            ("grpc.max_send_message_length", MESSAGE_LIMIT),
             ("grpc.keepalive_time_ms", int(keepalive * 1000)),
             ("grpc.keepalive_timeout_ms", int(min(keepalive, KEEPALIVE_TIMEOUT_S) * 1000)),
             ("grpc.http2.max_pings_without_data", 0),
@@ -260,6 +266,10 @@ class GrpcClient:
         """Object bytes read through signed URLs, straight from object storage (verified)."""
         return self._signed_http.figures.bytes if self._signed_http is not None else 0
 
+    @property
+    def url(self) -> str:
+        return f"{'grpcs' if self.tls is not None else 'grpc'}://{self.address}"
+
     def close(self) -> None:
         self._channel.close()
         for fetcher in (self._mirror_http, self._signed_http):
@@ -275,7 +285,7 @@ class GrpcClient:
     def __repr__(self) -> str:
         return f"GrpcClient({self.address!r})"
 
-    # -- ModelSource ---------------------------------------------------------------
+    # -- reads (ModelSource) ---------------------------------------------------------------
 
     def resolve(self, ref: Ref) -> str:
         def call() -> str:
@@ -533,7 +543,7 @@ class GrpcClient:
             finally:
                 watchdog.__exit__()
 
-    # -- PushTarget ----------------------------------------------------------------
+    # -- writes (PushTarget) ----------------------------------------------------------------
 
     def find_missing(self, shard_ids: Iterable[str] = (), blob_ids: Iterable[str] = ()) -> tuple[list[str], list[str]]:
         request = pb.FindMissingRequest(shard_ids=list(shard_ids), blob_ids=list(blob_ids))

@@ -18,6 +18,12 @@ Decisions (docs/grpc.md has the prose):
   committed; a hot-shard LRU bounded in bytes spares repeated store reads.
 * While one shard is being sent the next is already being read, so a slow
   store (S3) and the network overlap.
+* Every write check (a manifest names only stored objects, compare-and-set of
+  refs) is the :class:`Repository`'s own: the servicer validates and delegates.
+
+What the client shares with us is in :mod:`shardstore.rpc.wire`; the server
+that tests and benches run on a thread is :mod:`shardstore.rpc.background`,
+the link pacing of benches :mod:`shardstore.rpc.pacing`.
 """
 
 from __future__ import annotations
@@ -27,8 +33,6 @@ import contextlib
 import logging
 import signal
 import socket
-import threading
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -39,21 +43,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
-from shardstore.format.digest import check_object_id, digest
+from shardstore.errors import IntegrityError, InvalidInputError, ShardstoreError
+from shardstore.format.digest import check_object_id
 from shardstore.format.manifest import parse_manifest
 from shardstore.http.app import HttpContext, HttpListener, create_http_app
 from shardstore.repo.leases import WriteLease
 from shardstore.repo.refs import DEFAULT_TAG, parse_ref
-from shardstore.repo.repository import Repository, blob_key, manifest_key, shard_key
+from shardstore.repo.repository import Repository, blob_key, shard_key
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
 from shardstore.rpc.auth import TokenTable
 from shardstore.rpc.guard import DEFAULT_SEND_TIMEOUT_S, CallGuard, CallLimits
 from shardstore.rpc.logs import RequestObserver, log_request
 from shardstore.rpc.metrics import ServerMetrics
+from shardstore.rpc.pacing import Pacer
 from shardstore.rpc.status import code_for, error_metadata
 from shardstore.rpc.tls import ServerTls
+from shardstore.rpc.wire import CHUNK_BYTES, MAX_IDS_PER_REQUEST, MAX_MESSAGE_BYTES, MAX_OBJECT_BYTES, MESSAGE_LIMIT
 from shardstore.store.base import ObjectWriter, Store
 
 log = logging.getLogger("shardstore.rpc.server")
@@ -61,12 +67,6 @@ log = logging.getLogger("shardstore.rpc.server")
 T = TypeVar("T")
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Registry"].full_name
-CHUNK_BYTES = 1 << 20
-MAX_MESSAGE_BYTES = 64 << 20
-# Slack above the payload limit for the message framing around it.
-_MESSAGE_LIMIT = MAX_MESSAGE_BYTES + (1 << 16)
-MAX_OBJECT_BYTES = 2 << 30
-MAX_IDS_PER_REQUEST = 100_000
 DEFAULT_CACHE_BYTES = 256 << 20
 DEFAULT_MAX_CONCURRENT_RPCS = 256
 DEFAULT_IO_THREADS = 8
@@ -118,30 +118,6 @@ class HotShardCache:
         while self.size > self.max_bytes:
             _old, evicted = self._items.popitem(last=False)
             self.size -= len(evicted)
-
-
-class Pacer:
-    """Server-side pacing to emulate a link of ``rate`` bytes/s shared by every stream (benchmarks).
-
-    A token bucket holding at most one chunk: like a real link's send buffer it
-    keeps the line busy while the sender is busy writing the previous chunk,
-    instead of adding the sender's own time to every chunk's transmission time.
-    """
-
-    def __init__(self, rate: float, burst: int = CHUNK_BYTES) -> None:
-        if rate <= 0:
-            raise InvalidInputError(f"pacing rate must be positive, not {rate}")
-        self.rate = rate
-        self._burst_s = burst / rate
-        self._free_at = time.monotonic()
-
-    async def send(self, nbytes: int) -> None:
-        """Wait until ``nbytes`` would have left the link (one event loop: no lock needed)."""
-        now = time.monotonic()
-        self._free_at = max(self._free_at, now - self._burst_s) + nbytes / self.rate
-        delay = self._free_at - now
-        if delay > 0:
-            await asyncio.sleep(delay)
 
 
 def _chunks(object_id: str, data: bytes) -> list[pb.ObjectChunk]:
@@ -273,11 +249,9 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                           ) -> pb.GetManifestResponse:
         try:
             manifest_id = check_object_id(request.manifest_id, "manifest id")
-            data = await self._run(self.repo.store.get, manifest_key(manifest_id))
+            data = await self._run(self.repo.get_manifest_bytes, manifest_id)
             if len(data) > MAX_MESSAGE_BYTES:
                 raise InvalidInputError(f"manifest {manifest_id}: {len(data)} bytes, over the wire limit")
-            if await self._run(digest, data) != manifest_id:
-                raise IntegrityError(f"manifest {manifest_id}: content does not match its id")
             return pb.GetManifestResponse(manifest=data)
         except ShardstoreError as exc:
             await self._abort(context, exc)
@@ -378,9 +352,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 
             def missing() -> tuple[list[str], list[str]]:
                 self._begin_write()  # "already have it" is a promise until the client's ref is set
-                store = self.repo.store
-                return ([s for s in shards if not store.exists(shard_key(s))],
-                        [b for b in blobs if not store.exists(blob_key(b))])
+                return self.repo.missing_shards(shards), self.repo.missing_blobs(blobs)
 
             missing_shards, missing_blobs = await self._run(missing)
             return pb.FindMissingResponse(missing_shard_ids=missing_shards, missing_blob_ids=missing_blobs)
@@ -452,16 +424,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 
             def check_and_put() -> tuple[str, int]:
                 self._begin_write()
-                store = self.repo.store
-                # Invariant 2: a manifest never points at a missing object.
-                for shard_id in manifest.shards:
-                    if not store.exists(shard_key(shard_id)):
-                        raise NotFoundError(f"manifest refused: shard {shard_id} is not in the store")
-                blob_ids = [f.header for f in manifest.files] + [b.id for b in manifest.blobs.values()]
-                for blob_id in blob_ids:
-                    if not store.exists(blob_key(blob_id)):
-                        raise NotFoundError(f"manifest refused: blob {blob_id} is not in the store")
-                return self.repo.put_manifest(manifest)
+                return self.repo.put_manifest(manifest, check_complete=True)  # invariant 2
 
             manifest_id, written = await self._run(check_and_put)
             return pb.PutManifestResponse(manifest_id=manifest_id, written=written > 0)
@@ -477,20 +440,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 
             def set_ref() -> str:
                 self._begin_write()
-                store = self.repo.store
-                try:
-                    previous = self.repo.resolve(ref)
-                except NotFoundError:
-                    previous = ""
-                if expected is None:
-                    self.repo.set_ref(ref, manifest_id)
-                    return previous
-                if not store.exists(manifest_key(manifest_id)):
-                    raise NotFoundError(f"{ref}: manifest {manifest_id} is not in the store")
-                want = (check_object_id(expected, "expected manifest id") + "\n").encode() if expected else None
-                if not store.compare_and_set(ref.key, want, manifest_id.encode() + b"\n"):
-                    raise ConflictError(f"{ref}: changed meanwhile (expected {expected or 'no ref'}); not updated")
-                return previous
+                return self.repo.compare_and_set_ref(ref, manifest_id, expected)
 
             return pb.SetRefResponse(previous_manifest_id=await self._run(set_ref))
         except ShardstoreError as exc:
@@ -595,8 +545,8 @@ def create_server(
     ``signed_url_ttl``: lifetime of the signed URLs handed out when the store can sign (None or 0: never sign).
     """
     options = [
-        ("grpc.max_send_message_length", _MESSAGE_LIMIT),
-        ("grpc.max_receive_message_length", _MESSAGE_LIMIT),
+        ("grpc.max_send_message_length", MESSAGE_LIMIT),
+        ("grpc.max_receive_message_length", MESSAGE_LIMIT),
         # Two servers must never share a port by accident (tests bind port 0 in parallel).
         ("grpc.so_reuseport", 0),
         *KEEPALIVE_OPTIONS,
@@ -661,52 +611,3 @@ async def serve(
     finally:
         log.info("shutting down (grace %.1f s)", grace)
         await registry.stop(grace)
-
-
-class BackgroundServer:
-    """A server on its own event loop thread: for tests, benches and the demo. A context manager."""
-
-    def __init__(self, store: Store, host: str = "127.0.0.1", port: int = 0, **options: Any) -> None:
-        self._args = (store, host, port)
-        self._options = options
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="shardstore-server", daemon=True)
-        self.registry: RegistryServer | None = None
-        self.port = 0
-
-    @property
-    def address(self) -> str:
-        assert self.registry is not None, "server not started"
-        return self.registry.address
-
-    @property
-    def servicer(self) -> RegistryServicer:
-        assert self.registry is not None, "server not started"
-        return self.registry.servicer
-
-    def start(self) -> BackgroundServer:
-        self._thread.start()
-
-        async def start() -> tuple[RegistryServer, int]:
-            registry, port = create_server(*self._args, **self._options)
-            await registry.start()
-            return registry, port
-
-        self.registry, self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result(timeout=30)
-        return self
-
-    def stop(self, grace: float | None = 1.0) -> None:
-        if self.registry is not None:
-            asyncio.run_coroutine_threadsafe(self.registry.stop(grace), self._loop).result(timeout=60)
-            self.registry = None
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=30)
-        if not self._loop.is_running() and not self._loop.is_closed():
-            self._loop.close()
-
-    def __enter__(self) -> BackgroundServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shardstore.rpc.server import SERVICE_NAME, BackgroundServer
+from shardstore.rpc.background import BackgroundServer
+from shardstore.rpc.server import SERVICE_NAME
 from shardstore.store import LocalStore
 
 

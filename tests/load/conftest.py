@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import shardstore
 from load.load_helpers import FINE_CHUNK, REF, Pushed
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from load.load_helpers import REF, Pushed
 from shardstore.cli import main
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 
 # What loading may hold beyond the model itself: shards in flight, decode scratch, allocator slack.
 HOST_SLACK = 48 << 20

@@ -13,7 +13,7 @@ from torch import nn
 import shardstore
 from load.load_helpers import REF, Pushed
 from shardstore.errors import InvalidInputError
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 

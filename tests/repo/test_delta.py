@@ -31,7 +31,7 @@ from shardstore.repo.pieces import decode_piece
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.repo.verify import verify
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 MODEL_FILE = "model.safetensors"

@@ -24,7 +24,7 @@ from shardstore.repo.gc import collect
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.repo.verify import verify
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore, Store, open_store
 from shardstore.store.fsspec_store import FsspecStore
 

@@ -24,7 +24,7 @@ from shardstore.repo.leases import Lease, list_leases
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository, blob_key, manifest_key, shard_key
 from shardstore.repo.verify import verify
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore, Store, open_store
 from shardstore.store.cache import ShardCache
 

@@ -9,7 +9,7 @@ import pytest
 
 import shardstore
 from rpc.grpc_helpers import Served
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from shardstore.repo.push import PushReport
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 

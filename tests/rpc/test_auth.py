@@ -40,8 +40,9 @@ from shardstore.rpc.auth import (
     load_token_table,
     parse_entries,
 )
+from shardstore.rpc.background import BackgroundServer
 from shardstore.rpc.client import GrpcClient
-from shardstore.rpc.server import SERVICE_NAME, BackgroundServer
+from shardstore.rpc.server import SERVICE_NAME
 from shardstore.store import LocalStore
 
 

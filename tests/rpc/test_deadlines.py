@@ -26,8 +26,9 @@ from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
+from shardstore.rpc.background import BackgroundServer
 from shardstore.rpc.client import GrpcClient
-from shardstore.rpc.server import BackgroundServer, RegistryServicer
+from shardstore.rpc.server import RegistryServicer
 from shardstore.store import LocalStore
 
 

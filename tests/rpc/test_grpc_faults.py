@@ -24,8 +24,9 @@ from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository, shard_key
 from shardstore.rpc import split_grpc_url
 from shardstore.rpc._generated import registry_pb2 as pb
+from shardstore.rpc.background import BackgroundServer
 from shardstore.rpc.client import GrpcClient
-from shardstore.rpc.server import SERVICE_NAME, BackgroundServer, RegistryServicer
+from shardstore.rpc.server import SERVICE_NAME, RegistryServicer
 from shardstore.store import LocalStore
 from shardstore.store.cache import ShardCache
 

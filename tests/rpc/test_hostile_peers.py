@@ -27,8 +27,9 @@ from rpc.grpc_helpers import SMALL_CHUNK, write_small_model
 from shardstore.format.digest import digest
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc.auth import AUTHORIZATION_KEY, BEARER, load_token_table
+from shardstore.rpc.background import BackgroundServer
 from shardstore.rpc.guard import CallLimits, peer_address
-from shardstore.rpc.server import SERVICE_NAME, BackgroundServer
+from shardstore.rpc.server import SERVICE_NAME
 from shardstore.store import LocalStore
 
 # Every method whose request is one message: the ones grpc would read before a handler runs.

@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import shardstore
 from rpc.grpc_helpers import Served
 from shardstore.errors import InvalidInputError, NotFoundError
+from shardstore.rpc.background import BackgroundServer
 from shardstore.rpc.logs import REQUEST_LOG, JsonFormatter
 from shardstore.rpc.metrics import ServerMetrics
-from shardstore.rpc.server import BackgroundServer
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -13,8 +13,8 @@ from rpc.access_helpers import READ_TOKEN, Certs, cli, env_with, make_certs, one
 from rpc.grpc_helpers import push_small_model
 from shardstore.errors import InvalidInputError, StoreError
 from shardstore.repo.refs import parse_ref
+from shardstore.rpc.background import BackgroundServer
 from shardstore.rpc.client import GrpcClient
-from shardstore.rpc.server import BackgroundServer
 from shardstore.rpc.tls import ClientTls, ServerTls
 from shardstore.store import LocalStore
 

@@ -108,7 +108,7 @@ def test_access_denied_is_a_clear_error(minilm_dir: Path, s3_endpoint: str, s3_b
 def test_two_servers_over_one_bucket_serve_the_same_model(
     minilm_bf16_dir: Path, s3_bucket: str, tmp_path: Path
 ) -> None:
-    from shardstore.rpc.server import BackgroundServer
+    from shardstore.rpc.background import BackgroundServer
 
     store_url = f"s3://{s3_bucket}/shared"
     pushed = shardstore.push(minilm_bf16_dir, "minilm:v1", store=store_url)
