@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from shardstore.errors import NotFoundError, ShardstoreError, StoreError
 from shardstore.store.base import Store
@@ -157,12 +157,8 @@ def wait_for_gc(store: Store, *, timeout: float = DEFAULT_GC_WAIT_S, sleep: Call
 
 
 @contextlib.contextmanager
-def push_lease(target: Any, note: str = "", *, ttl: float = DEFAULT_TTL_S) -> Iterator[Lease | None]:
-    """Hold a push lease on the target's store for the whole push; a no-op for targets without one (gRPC)."""
-    store = getattr(target, "store", None)
-    if not isinstance(store, Store):
-        yield None  # a server holds the lease for the pushes it serves (WriteLease)
-        return
+def push_lease(store: Store, note: str = "", *, ttl: float = DEFAULT_TTL_S) -> Iterator[Lease | None]:
+    """Hold a push lease on ``store`` for the whole push (a server holds its own for the pushes it serves)."""
     with Lease(store, "push", ttl=ttl, note=note) as lease:
         wait_for_gc(store)
         yield lease

@@ -34,13 +34,12 @@ from shardstore.progress import Progress
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES, PiecePlan, TensorSpec, plan_shards
 from shardstore.repo.delta import DeltaBase, EncodedPiece, encode_piece
 from shardstore.repo.inspect import tensor_figures
-from shardstore.repo.leases import push_lease
 from shardstore.repo.model_files import MappedFiles, ModelFiles, scan_model
 from shardstore.repo.policy import Policy
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.quality import ErrorStats, encode_stream
 from shardstore.repo.refs import Ref
-from shardstore.repo.registry import PushTarget
+from shardstore.repo.registry import Registry
 
 # The reproducible-builds convention: when set, pushes date their manifests at this time, not now.
 SOURCE_DATE_EPOCH_ENV = "SOURCE_DATE_EPOCH"
@@ -82,7 +81,7 @@ class _EncodedShard:
 
 
 def _encode_shard(
-    plan: Sequence[PiecePlan], views: dict[str, memoryview], pipelines: dict[str, Pipeline], target: PushTarget,
+    plan: Sequence[PiecePlan], views: dict[str, memoryview], pipelines: dict[str, Pipeline], target: Registry,
     base: DeltaBase | None = None,
 ) -> _EncodedShard:
     streams: list[tuple[StreamHeader, bytes]] = []
@@ -128,7 +127,7 @@ def _encode_shard(
 def push_model(
     model: ModelFiles,
     ref: Ref,
-    target: PushTarget,
+    target: Registry,
     *,
     codec: Codec | str = DEFAULT_CODEC_NAME,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -165,7 +164,7 @@ def push_model(
         encode = lambda plan: _encode_shard(plan, views, pipelines, target, base)  # noqa: E731
         # Uploads to an object store wait on round trips, so keep at least its request
         # concurrency in flight even where that exceeds the cores.
-        workers = threads or max(default_threads(), getattr(target, "concurrency", 1))
+        workers = threads or max(default_threads(), target.concurrency)
         for shard in ordered_map(encode, plans, workers):
             if shard.shard_id is not None:
                 shard_sizes[shard.shard_id] = shard.size
@@ -223,18 +222,15 @@ def creation_time() -> str:
     return time.strftime(CREATED_FORMAT, time.gmtime(seconds))
 
 
-def _current_if_same(target: PushTarget, ref: Ref, manifest: Manifest) -> str | None:
+def _current_if_same(target: Registry, ref: Ref, manifest: Manifest) -> str | None:
     """The id ``ref`` points at when that manifest is this one but for its creation time, else None.
 
     Pushing the same model to the same ref again is then a no-op (same manifest id, nothing
     written) instead of a new version that differs only in its date.
     """
-    resolve, get_manifest = getattr(target, "resolve", None), getattr(target, "get_manifest", None)
-    if resolve is None or get_manifest is None:
-        return None
     try:
-        current_id = resolve(ref)
-        current = get_manifest(current_id)
+        current_id = target.resolve(ref)
+        current = target.get_manifest(current_id)
     except (NotFoundError, PermissionError):
         # A write-only token may not read the ref it replaces: push on, and let the write's own check judge it.
         return None
@@ -248,7 +244,7 @@ def _without_time(manifest: Manifest) -> bytes:
 
 
 def _upload_files(
-    model: ModelFiles, target: PushTarget
+    model: ModelFiles, target: Registry
 ) -> tuple[tuple[FileRecord, ...], dict[str, BlobRecord], int, int]:
     """Store each safetensors header and each non-tensor file as a blob."""
     uploaded_bytes = uploaded = 0
@@ -282,7 +278,7 @@ def _read(path: Path) -> bytes:
 def push(
     src: str | os.PathLike[str],
     ref: Ref,
-    target: PushTarget,
+    target: Registry,
     *,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -297,7 +293,7 @@ def push(
     """
     model = scan_model(src, include, exclude)
     target.check_writable()  # before the lease: a store of a newer format gets nothing written, not even that
-    with push_lease(target, f"push {ref}"):
+    with target.push_lease(f"push {ref}"):
         report = push_model(model, ref, target, **options)
     return replace(report, skipped_files=dict(model.skipped))
 

@@ -17,6 +17,7 @@ the rest to a registry it wraps.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Protocol, Self
 
 from shardstore.format.manifest import Manifest
@@ -66,8 +67,17 @@ class ModelSource(Protocol):
 class PushTarget(Protocol):
     """The write half, in the order a push calls it (DESIGN invariant 2)."""
 
+    @property
+    def concurrency(self) -> int:
+        """Requests worth keeping in flight at once (an object store waits on round trips)."""
+        ...
+
     def check_writable(self) -> object:
         """Refuse (one line) before anything is written when the store's format is not one this program writes."""
+        ...
+
+    def push_lease(self, note: str) -> AbstractContextManager[object]:
+        """Held for a whole push, so gc never deletes what it uploads; a server holds its own (a no-op here)."""
         ...
 
     def missing_shards(self, shard_ids: Iterable[str]) -> list[str]:

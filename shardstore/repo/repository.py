@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Self
 
 from shardstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
@@ -32,6 +33,7 @@ from shardstore.format.store_config import (
     new_store_config,
     parse_store_config,
 )
+from shardstore.repo.leases import push_lease
 from shardstore.repo.pool import ordered_map
 from shardstore.repo.refs import Ref, parse_ref, ref_from_key
 from shardstore.repo.registry import ModelSource as ModelSource  # also importable from here, as it used to be
@@ -72,6 +74,9 @@ class Repository:
     @property
     def concurrency(self) -> int:
         return self.store.concurrency
+
+    def push_lease(self, note: str) -> AbstractContextManager[object]:
+        return push_lease(self.store, note)
 
     @property
     def cached_shards(self) -> int:

@@ -32,6 +32,7 @@ selects TLS, with a client certificate for mutual TLS.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import os
@@ -265,6 +266,13 @@ class GrpcClient:
     def signed_url_bytes(self) -> int:
         """Object bytes read through signed URLs, straight from object storage (verified)."""
         return self._signed_http.figures.bytes if self._signed_http is not None else 0
+
+    @property
+    def concurrency(self) -> int:
+        return 1  # one connection; uploads are sequential calls on it
+
+    def push_lease(self, note: str) -> contextlib.AbstractContextManager[object]:
+        return contextlib.nullcontext()  # the server holds a write lease for the pushes it serves
 
     @property
     def url(self) -> str:
