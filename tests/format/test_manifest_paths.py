@@ -18,7 +18,7 @@ from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository, manifest_key
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 

@@ -13,7 +13,7 @@ from shardstore.errors import IntegrityError
 from shardstore.format.digest import digest
 from shardstore.repo.repository import Repository, blob_key
 from shardstore.repo.verify import verify
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 

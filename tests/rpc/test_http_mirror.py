@@ -14,7 +14,7 @@ from shardstore.api import connect
 from shardstore.format.digest import digest
 from shardstore.repo.repository import Repository, shard_key
 from shardstore.rpc.auth import Grant, Scope, TokenTable
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 

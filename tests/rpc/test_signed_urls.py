@@ -15,7 +15,7 @@ import shardstore
 from shardstore.api import connect
 from shardstore.format.digest import digest
 from shardstore.repo.repository import Repository
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore, open_store
 
 CLIENTS = 8
