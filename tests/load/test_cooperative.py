@@ -12,7 +12,7 @@ from helpers import free_port
 
 import shardstore
 from shardstore.repo.repository import Repository
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
 
 WORLD = 4

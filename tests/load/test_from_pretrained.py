@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 import shardstore
 from load.load_helpers import REF
 from shardstore.errors import NotFoundError
-from shardstore.rpc.server import BackgroundServer
+from shardstore.rpc.background import BackgroundServer
 
 SENTENCES = ["A man is eating food.", "Weights are stored once and delivered lazily, row by row."]
 
