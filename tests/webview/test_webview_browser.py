@@ -127,14 +127,12 @@ def test_model_page_shows_every_tensor_layer_config_and_a_pull_line_that_works(
 
     # One bar per layer: encoder.layer.N, else the module path (the tensor name less its last part).
     layers = {m.group(0) if (m := re.match(r"encoder\.layer\.\d+", n)) else n.rsplit(".", 1)[0] for n in names}
-    bars = browser.find_elements(By.CSS_SELECTOR, ".bar-row")
-    assert {bar.get_attribute("data-layer") for bar in bars} == layers
-    for bar in bars:
-        raw = float(bar.find_element(By.CSS_SELECTOR, "rect.bar-raw").get_attribute("width") or "nan")
-        stored = float(bar.find_element(By.CSS_SELECTOR, "rect.bar-stored").get_attribute("width") or "nan")
-        assert 0 <= stored <= raw <= 1000
-    assert max(float(r.get_attribute("width") or 0) for r in browser.find_elements(By.CSS_SELECTOR, "rect.bar-raw")) \
-        == 1000.0
+    bars = browser.execute_script("""return [...document.querySelectorAll('.bar-row')].map(b => [b.dataset.layer,
+        parseFloat(b.querySelector('rect.bar-raw').getAttribute('width')),
+        parseFloat(b.querySelector('rect.bar-stored').getAttribute('width'))])""")
+    assert {layer for layer, _, _ in bars} == layers and len(bars) == len(layers)
+    assert all(0 <= stored <= raw <= 1000 for _, raw, stored in bars)
+    assert max(raw for _, raw, _ in bars) == 1000.0  # the widest layer spans the chart
 
     config = json.loads((minilm_dir / "config.json").read_text())
     facts = browser.find_element(By.ID, "config").text
@@ -172,16 +170,17 @@ def test_lossy_version_shows_each_quantized_tensors_snr_and_max_error(browser: w
     tensors = _manifest(server_store(server), "minilm:int8")["tensors"]
     lossy = {n: t["quality"] for n, t in tensors.items() if "quality" in t}
     assert len(lossy) >= 30
-    rows = browser.find_elements(By.CSS_SELECTOR, "tr.tensor.lossy")
-    assert {r.get_attribute("data-name") for r in rows} == set(lossy)
-    for row in rows:
-        quality = lossy[row.get_attribute("data-name") or ""]
-        snr = float(row.find_element(By.CSS_SELECTOR, "td.snr").text)
-        max_error = float(row.find_element(By.CSS_SELECTOR, "td.max-error").text)
-        assert snr == pytest.approx(quality["snr_db"], abs=0.01) and snr > 30
-        assert max_error == pytest.approx(quality["max_abs_error"], rel=1e-2)
-    for row in browser.find_elements(By.CSS_SELECTOR, "tr.tensor:not(.lossy)"):
-        assert row.find_element(By.CSS_SELECTOR, "td.snr").text == ""
+    # One script call reads every row (a WebDriver call per cell costs a round trip each).
+    rows = browser.execute_script("""return [...document.querySelectorAll('tr.tensor')].map(r => [
+        r.dataset.name, r.classList.contains('lossy'), r.querySelector('td.snr').textContent.trim(),
+        r.querySelector('td.max-error').textContent.trim()])""")
+    assert len(rows) == len(tensors) and {name for name, is_lossy, _, _ in rows if is_lossy} == set(lossy)
+    for name, is_lossy, snr, max_error in rows:
+        if not is_lossy:
+            assert snr == max_error == ""
+            continue
+        assert float(snr) == pytest.approx(lossy[name]["snr_db"], abs=0.01) and float(snr) > 30
+        assert float(max_error) == pytest.approx(lossy[name]["max_abs_error"], rel=1e-2)
 
 
 def test_compare_page_shows_the_changes_and_bytes_to_fetch_of_shardstore_diff(
