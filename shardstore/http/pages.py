@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from shardstore.errors import ShardstoreError
+from shardstore.errors import NotFoundError, ShardstoreError
 from shardstore.format.manifest import Manifest
 from shardstore.repo.chunking import layer_of
 from shardstore.repo.diff import ModelDiff, diff_manifests, repository_heads
@@ -36,6 +36,14 @@ CONFIG_FIELDS = (
     ("torch_dtype", "dtype"),
 )
 MAX_CONFIG_BYTES = 1 << 20  # a config.json past this is not a config; the page skips it
+
+
+class MissingModel(NotFoundError):
+    """No such ref: says which, and nothing of where the store is (a page shows this)."""
+
+    def __init__(self, ref: Ref) -> None:
+        super().__init__(f"no model {ref} here")
+        self.ref = ref
 
 
 @dataclass(frozen=True)
@@ -152,8 +160,15 @@ class Pages:
             found.append(Version(ref, manifest_id, summary))
         return sorted(found, key=lambda v: (v.ref.name, v.ref.tag))
 
+    def resolve(self, ref: Ref) -> str:
+        """The ref's manifest id; :class:`MissingModel` (naming only the ref, not the store) when there is none."""
+        try:
+            return self.repo.resolve(ref)
+        except NotFoundError:
+            raise MissingModel(ref) from None
+
     def version(self, ref: Ref) -> Version:
-        manifest_id = self.repo.resolve(ref)
+        manifest_id = self.resolve(ref)
         return Version(ref, manifest_id, self.summary(manifest_id))
 
     def base_names(self, versions: list[Version]) -> dict[str, list[str]]:
@@ -216,7 +231,7 @@ class Pages:
 
     def compare(self, a: Ref, b: Ref) -> ModelDiff:
         """The diff of two refs; cached by manifest ids, since the answer for two manifests never changes."""
-        a_id, b_id = self.repo.resolve(a), self.repo.resolve(b)
+        a_id, b_id = self.resolve(a), self.resolve(b)
 
         def compute() -> ModelDiff:
             return diff_manifests(self.manifest(a_id), self.manifest(b_id), repository_heads(self.repo),

@@ -33,7 +33,7 @@ from aiohttp import web
 from shardstore.errors import InvalidInputError, NotFoundError, ShardstoreError
 from shardstore.http.access import TOKEN_COOKIE, may_read, request_grants
 from shardstore.http.app import HTTP_CONTEXT, HttpContext
-from shardstore.http.pages import Pages
+from shardstore.http.pages import MissingModel, Pages
 from shardstore.repo.refs import Ref, parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.rpc.auth import AuthenticationError, Grant
@@ -167,6 +167,8 @@ async def _run_page(request: web.Request, build: Callable[[], dict[str, Any]], t
         html = await _in_thread(request, lambda: _render(request, template, **build()))
     except web.HTTPException:
         raise
+    except MissingModel as exc:
+        raise _missing(request, exc.ref) from None  # the same page as for a name the token may not read
     except NotFoundError:
         raise _error(request, 404, "no such model here (it may have been deleted since the page that linked it)") \
             from None

@@ -132,6 +132,9 @@ def test_a_prefix_token_sees_only_its_prefix_and_other_names_look_absent(guarded
     assert hidden[0] == missing[0] == 404
     assert hidden[2].replace("other/tiny:v1", "X") == missing[2].replace("other/none:v1", "X")
     assert request(guarded, "/compare/team/tiny:v1...other/tiny:v1", headers=bearer)[0] == 404
+    # A readable name that does not exist looks the same again.
+    absent = request(guarded, "/models/team/none:v1", headers=bearer)
+    assert absent[0] == 404 and absent[2].replace("team/none:v1", "X") == missing[2].replace("other/none:v1", "X")
     for path in PAGES:
         body = request(guarded, path, headers=bearer)[2]
         assert TEAM_READ not in body and ADMIN not in body and str(store) not in body
