@@ -161,7 +161,10 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE_S, dry_run: bool =
     started = time.perf_counter()
     store = repo.store
     # gc deletes: a store whose format (or write features) this program does not know is left alone.
-    repo.check_readable() if dry_run else repo.check_writable()
+    if dry_run:
+        repo.check_readable()
+    else:
+        repo.check_writable()
     report = GcReport(store=store.url, dry_run=dry_run, grace_s=grace)
     if dry_run:
         report.pushes_in_flight = len(live_leases(store, "push"))

@@ -67,7 +67,10 @@ class _Outcome:
 def verify(repo: Repository, *, read_data: bool = False, repair: bool = False,
            cache: ShardCache | None = None) -> VerifyReport:
     started = time.perf_counter()
-    repo.check_writable() if repair else repo.check_readable()
+    if repair:  # a repair writes, so it needs to know the store's write features too
+        repo.check_writable()
+    else:
+        repo.check_readable()
     report = VerifyReport()
     manifests, referenced_manifests = _load_manifests(repo, report)
     report.manifests = len(manifests)
