@@ -152,7 +152,12 @@ class FixtureWriter:
         self.folder = Path(folder)
 
     def exists(self, name: str) -> bool:
-        return (self.folder / name).exists() or any(case.file == name for case in read_index(self.folder))
+        return (self.folder / name).exists() or name in self._indexed_files()
+
+    def _indexed_files(self) -> set[str]:
+        # Raw entries, not GoldenCase: older indexes with fewer fields are appended to all the same.
+        index = self.folder / INDEX_NAME
+        return {entry["file"] for entry in json.loads(index.read_text())} if index.exists() else set()
 
     def add(self, codec: Codec, data: Buffer, info: PieceInfo, name: str | None = None) -> GoldenCase:
         """Encode ``data`` with ``codec``, check it decodes, store it as a new fixture and index it."""

@@ -1,9 +1,9 @@
 """The quantizing codecs: error bounds per codec, dtypes and shapes, the clipping search, fixed byte formats.
 
-Golden fixtures (``golden/quantize/``) were written once by ``python tests/codecs/test_quantize.py``
-(run it only to *add* fixtures for a new codec id): each is a quantizer's output for a fixed
-weight-like sample; decoding must give the recorded dequantized bytes and encoding the sample
-must give the fixture bytes again.
+Golden fixtures (``golden/quantize/``) were written once by ``python tests/codecs/test_quantize.py``,
+which adds only missing fixtures (append-only ``FixtureWriter``, never a rewrite): each is a
+quantizer's output for a fixed weight-like sample; decoding must give the recorded dequantized
+bytes and encoding the sample must give the fixture bytes again.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from shardstore.codecs.int8 import Int8ChannelCodec
 from shardstore.codecs.intn import IntGroupCodec
 from shardstore.codecs.quantize import QuantizeCodec, bf16_ceil, quantized_piece, to_float32
 from shardstore.errors import CodecError
+from shardstore.testing.codecs import FixtureWriter
 
 GOLDEN = Path(__file__).parent / "golden" / "quantize"
 CONFIGS: list[dict[str, Any]] = [
@@ -289,22 +291,27 @@ def test_golden_fixture(case: dict[str, Any]) -> None:
     assert codec.encode(_golden_sample(case["dtype"]), info) == blob
 
 
-def _write_fixtures() -> None:
-    GOLDEN.mkdir(parents=True, exist_ok=True)
-    index = []
+def write_missing_fixtures(folder: Path = GOLDEN) -> list[str]:
+    """Add the quantizer fixtures ``folder`` lacks, append-only (``FixtureWriter``); returns those written."""
+    writer = FixtureWriter(folder)
+    written = []
     for config in CONFIGS:
         codec = get_codec(dict(config))
         for dtype, shape in SHAPES.items():
-            info = PieceInfo(dtype, shape)
-            blob = codec.encode(_golden_sample(dtype), info)
             suffix = "-".join(str(v) for k, v in sorted(config.items()) if k != "id")
             name = f"{config['id']}{'-' + suffix if suffix else ''}-{dtype}.bin"
-            (GOLDEN / name).write_bytes(blob)
-            decoded = bytes(codec.decode(blob, info))
-            index.append({"file": name, "config": codec.get_config(), "dtype": dtype, "shape": list(shape),
-                          "decoded_sha256": hashlib.sha256(decoded).hexdigest()})
-    (GOLDEN / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+            if not writer.exists(name):
+                writer.add(codec, _golden_sample(dtype), PieceInfo(dtype, shape), name)
+                written.append(name)
+    return written
+
+
+def test_quantizer_fixture_generator_rewrites_nothing(tmp_path: Path) -> None:
+    shutil.copytree(GOLDEN, tmp_path / "quantize")
+    assert write_missing_fixtures(tmp_path / "quantize") == []
+    for path in GOLDEN.iterdir():
+        assert (tmp_path / "quantize" / path.name).read_bytes() == path.read_bytes()
 
 
 if __name__ == "__main__":
-    _write_fixtures()
+    print(write_missing_fixtures())

@@ -1,7 +1,8 @@
 """sparse-bitmap.v1 (lossless) and prune-magnitude.v1 (lossy, opt-in): ratios, every bit, malformed streams.
 
 The sparse-mode golden fixtures (``golden/sparse/``) were written once by
-``python tests/codecs/test_sparse.py``; the generic golden test covers the dense mode.
+``python tests/codecs/test_sparse.py``, which adds only missing fixtures (append-only
+``FixtureWriter``); the generic golden test covers the dense mode.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from shardstore.codecs.sparse import SparseBitmapCodec, prefer_sparse, zero_frac
 from shardstore.errors import CodecError
 from shardstore.format.dtypes import ITEMSIZE
 from shardstore.store import LocalStore
+from shardstore.testing.codecs import FixtureWriter
 
 SPARSE_GOLDEN = Path(__file__).parent / "golden" / "sparse"
 MINILM_WEIGHT = "encoder.layer.0.intermediate.dense.weight"  # 1536 x 384
@@ -261,16 +263,25 @@ def test_prune_through_lossy_push_reports_sparsity_and_error(minilm_dir: Path, t
     assert torch.equal(untouched, original["encoder.layer.0.output.dense.weight"])
 
 
-def _write_sparse_fixtures() -> None:
-    SPARSE_GOLDEN.mkdir(parents=True, exist_ok=True)
+def write_missing_sparse_fixtures(folder: Path = SPARSE_GOLDEN) -> list[str]:
+    """Add the sparse-mode fixtures ``folder`` lacks, append-only (``FixtureWriter``); returns those written."""
+    writer = FixtureWriter(folder)
     raw, info = _sparse_sample()
-    index = []
+    written = []
     for codec in (SparseBitmapCodec(), SparseBitmapCodec(256)):
         name = f"{codec.codec_id}-{codec.block_elems}-BF16.bin"
-        (SPARSE_GOLDEN / name).write_bytes(codec.encode(raw, info))
-        index.append({"file": name, "config": codec.get_config(), "sha256": hashlib.sha256(raw).hexdigest()})
-    (SPARSE_GOLDEN / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+        if not writer.exists(name):
+            writer.add(codec, raw, info, name)
+            written.append(name)
+    return written
+
+
+def test_sparse_fixture_generator_rewrites_nothing(tmp_path: Path) -> None:
+    shutil.copytree(SPARSE_GOLDEN, tmp_path / "sparse")
+    assert write_missing_sparse_fixtures(tmp_path / "sparse") == []
+    for path in SPARSE_GOLDEN.iterdir():
+        assert (tmp_path / "sparse" / path.name).read_bytes() == path.read_bytes()
 
 
 if __name__ == "__main__":
-    _write_sparse_fixtures()
+    print(write_missing_sparse_fixtures())
