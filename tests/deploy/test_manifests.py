@@ -17,7 +17,6 @@ import yaml
 from shardstore.cli import build_parser
 from shardstore.config import ConfigurableCommand, load_config_file, resolve, settings_of
 from shardstore.rpc.auth import load_token_table
-from shardstore.rpc.server import SERVICE_NAME
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -59,7 +58,7 @@ def test_every_k8s_manifest_validates_against_the_schemas(path: Path, version: s
 
 def test_the_validator_rejects_a_broken_manifest() -> None:
     deployment = copy.deepcopy(k8s_kind("Deployment"))
-    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["prot"] = 50051
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["pth"] = "/readyz"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
 
@@ -71,8 +70,17 @@ def test_deployment_probes_ports_and_settings_agree() -> None:
     container = pod["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": settings["port"], "metrics": settings["metrics_port"]}
-    assert container["readinessProbe"]["grpc"] == {"port": ports["grpc"], "service": SERVICE_NAME}
-    assert container["livenessProbe"]["grpc"]["port"] == ports["grpc"]
+    # HTTP probes on the metrics port (the gRPC port is TLS only): the paths the server really answers.
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # TLS only, from the Secret mounted where serve.yaml looks.
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert settings["require_tls"] is True and volumes["tls"]["secret"]["secretName"] == "shardstore-tls"
+    for key in ("tls_cert", "tls_key"):
+        assert Path(settings[key]).parent == Path(mounts["tls"])
+    assert k8s_kind("Secret", "shardstore-tls")["type"] == "kubernetes.io/tls"
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
     # SIGTERM: the server's grace plus the preStop pause must fit in the pod's termination period.
     pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -109,7 +117,7 @@ def load_config_file_text(text: str) -> dict[str, Any]:
 
 
 def test_secret_and_configmap_hold_what_the_docs_say() -> None:
-    secret = k8s_kind("Secret")["stringData"]
+    secret = k8s_kind("Secret", "shardstore-secrets")["stringData"]
     assert set(secret) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "SHARDSTORE_TOKENS"}
     # The example entries are valid token:scope[:prefix] entries, comma-separated.
     assert len(load_token_table(environ={"SHARDSTORE_TOKENS": secret["SHARDSTORE_TOKENS"]})) == 2
@@ -219,7 +227,7 @@ def compose() -> dict[str, Any]:
 
 def test_compose_parses_and_wires_the_services() -> None:
     services = compose()["services"]
-    assert set(services) == {"minio", "createbucket", "shardstore-1", "shardstore-2", "push", "pull"}
+    assert set(services) == {"minio", "createbucket", "certs", "shardstore-1", "shardstore-2", "push", "pull"}
     for name, service in services.items():
         for dependency in service.get("depends_on", {}):
             assert dependency in services, f"{name} depends on unknown {dependency}"
