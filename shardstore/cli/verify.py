@@ -20,7 +20,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
     def human() -> str:
         depth = "every byte read and decoded" if args.read_data else "structure and sizes"
-        lines = [f"checked {repo.store.url} ({depth}): {report.refs} refs, {report.manifests} manifests, "
+        layout = f"format version {report.store_version}" + (
+            "" if report.has_config else " (made before the store config existed: the next push writes it)")
+        lines = [f"checked {repo.store.url}, {layout} ({depth}): {report.refs} refs, {report.manifests} manifests, "
                  f"{report.shards} shards, {report.blobs} blobs, {report.unreferenced} unreferenced objects"
                  + (f", {report.cache_entries} cache entries in {cache.root}" if cache is not None else "")
                  + f" in {report.seconds:.2f} s"]

@@ -45,6 +45,10 @@ class VerifyReport:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    # The store's format version (docs/formats.md), and whether it has its config object yet: a
+    # store made before config existed reads as version 1 and gets it with its next write.
+    store_version: int = 1
+    has_config: bool = True
 
     @property
     def healthy(self) -> bool:
@@ -54,7 +58,8 @@ class VerifyReport:
         return {"refs": self.refs, "manifests": self.manifests, "shards": self.shards, "blobs": self.blobs,
                 "unreferenced": self.unreferenced, "cache_entries": self.cache_entries,
                 "bytes_read": self.bytes_read, "seconds": self.seconds, "healthy": self.healthy,
-                "problems": list(self.problems), "repaired": list(self.repaired)}
+                "problems": list(self.problems), "repaired": list(self.repaired),
+                "store_version": self.store_version, "has_config": self.has_config}
 
 
 @dataclass
@@ -67,11 +72,9 @@ class _Outcome:
 def verify(repo: Repository, *, read_data: bool = False, repair: bool = False,
            cache: ShardCache | None = None) -> VerifyReport:
     started = time.perf_counter()
-    if repair:  # a repair writes, so it needs to know the store's write features too
-        repo.check_writable()
-    else:
-        repo.check_readable()
-    report = VerifyReport()
+    # A repair writes, so it needs to know the store's write features too.
+    config = repo.check_writable() if repair else repo.check_readable()
+    report = VerifyReport(store_version=config.version, has_config=not config.legacy)
     manifests, referenced_manifests = _load_manifests(repo, report)
     report.manifests = len(manifests)
 

@@ -94,10 +94,12 @@ def test_store_made_before_config_still_reads_and_gets_one_on_next_push(any_stor
     any_store.delete("config")  # what a store written before config existed holds: everything else
     shardstore.pull("small:v1", tmp_path / "out", store=any_store)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
-    assert verify(Repository(any_store), read_data=True).healthy
+    report = verify(Repository(any_store), read_data=True)
+    assert report.healthy and (report.store_version, report.has_config) == (1, False)
     assert not any_store.exists("config")  # readers never write
     shardstore.push(model, "small:v2", store=any_store, chunk_bytes=SMALL_CHUNK)
     assert _config(any_store)["version"] == 1
+    assert verify(Repository(any_store)).has_config
 
 
 def test_unknown_write_feature_reads_but_refuses_writes(local_store: LocalStore, model: Path, tmp_path: Path) -> None:
@@ -158,6 +160,15 @@ def _cli(*args: str | Path, store: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SHARDSTORE_STORE": str(store)}
     return subprocess.run([sys.executable, "-m", "shardstore", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=120)
+
+
+def test_cli_verify_says_a_store_has_no_config_yet(local_store: LocalStore, model: Path) -> None:
+    shardstore.push(model, "small:v1", store=local_store, chunk_bytes=SMALL_CHUNK)
+    local_store.delete("config")
+    figures = json.loads(_cli("verify", "--json", store=local_store.root).stdout)
+    assert (figures["store_version"], figures["has_config"], figures["healthy"]) == (1, False, True)
+    human = _cli("verify", store=local_store.root)
+    assert human.returncode == 0 and "made before the store config existed" in human.stdout
 
 
 def test_cli_refuses_an_unknown_version_in_one_line(local_store: LocalStore, model: Path, tmp_path: Path) -> None:
