@@ -79,3 +79,16 @@ def test_cli_snapshot_prints_the_folder_and_pull_no_weights(pushed: LocalStore, 
     bad = subprocess.run([*run, "pull", "minilm:v1", str(tmp_path / "x"), "--no-weights", "--include", "pooler.*",
                           "--store", str(pushed.root)], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--no-weights" in bad.stderr
+
+
+def test_two_writers_racing_on_one_model_both_get_the_whole_folder(pushed: LocalStore, tmp_path: Path,
+                                                                     minilm_dir: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda _: snapshot_report("minilm:v1", store=pushed, cache=cache), range(2)))
+    assert reports[0].path == reports[1].path
+    folder = Path(reports[0].path)
+    assert sorted(p.name for p in (cache / "snapshots").iterdir()) == [folder.name]  # no temporary folder left
+    assert (folder / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
