@@ -9,8 +9,8 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from rpc.access_helpers import env_with, serve_process
+from shardstore.rpc.background import BackgroundServer
 from shardstore.rpc.metrics import ServerMetrics
-from shardstore.rpc.server import BackgroundServer
 from shardstore.store import LocalStore
 
 
