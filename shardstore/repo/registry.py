@@ -7,11 +7,14 @@ all are reached through :func:`shardstore.registry.open_registry`:
   folder, ``memory://``, ``s3://`` or any fsspec URL);
 * a :class:`~shardstore.rpc.client.GrpcClient` on a ``grpc[s]://`` server.
 
-Readers never ask which kind they hold. A new way to reach shards (an HTTP
-mirror, signed object-store URLs, a peer group exchanging shards) plugs in by
+Readers never ask which kind they hold. A new way to reach shards plugs in by
 implementing :meth:`ModelSource.fetch_shards` — fetch a batch of shards by id,
 check each against its id once, hand them over as they arrive — and delegating
-the rest to a registry it wraps.
+the rest to a registry it wraps. The two that exist sit where their order
+matters: an HTTP mirror and signed object-store URLs are carriers inside the
+gRPC client's ``fetch_shards``, after its disk cache and before its stream
+(:mod:`shardstore.rpc.http_fetch`); a group of ranks sharing shards sits above
+the source, in the load pipeline (:mod:`shardstore.load.cooperative`).
 """
 
 from __future__ import annotations
