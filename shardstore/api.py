@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec
 from shardstore.extras import require_torch
+from shardstore.progress import ProgressCallback
 from shardstore.registry import locate, open_registry
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES
 from shardstore.repo.policy import Policy
@@ -53,7 +54,7 @@ def push(
     codec: str | Codec = DEFAULT_CODEC_NAME,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     threads: int | None = None,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
     token: str | None = None,
     tls: ClientTls | None = None,
     timeout: float | None = None,
@@ -95,7 +96,7 @@ def pull(
     only: Iterable[str] | None = None,
     weights: bool = True,
     threads: int | None = None,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
     cache: str | os.PathLike[str] | None = None,
     token: str | None = None,
     tls: ClientTls | None = None,
@@ -121,7 +122,7 @@ def pull(
 
 def snapshot(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
              token: str | None = None, tls: ClientTls | None = None, timeout: float | None = None,
-             threads: int | None = None, progress: bool = False, mirror: str | None = None) -> Path:
+             threads: int | None = None, progress: ProgressCallback | None = None, mirror: str | None = None) -> Path:
     """A Hugging Face style folder of ``ref`` (``*.safetensors``, index, config, tokenizer), for tools that take one.
 
     Written once per manifest under ``cache`` (default ``$SHARDSTORE_CACHE`` or
@@ -134,7 +135,7 @@ def snapshot(ref: str, *, store: str | Store | None = None, cache: str | os.Path
 
 def snapshot_report(ref: str, *, store: str | Store | None = None, cache: str | os.PathLike[str] | None = None,
                     token: str | None = None, tls: ClientTls | None = None, timeout: float | None = None,
-                    threads: int | None = None, progress: bool = False,
+                    threads: int | None = None, progress: ProgressCallback | None = None,
                     mirror: str | None = None) -> SnapshotReport:
     """:func:`snapshot` with its figures: the path, whether it was reused, bytes received and written."""
     from shardstore.repo.snapshot import snapshot as _snapshot

@@ -1,38 +1,28 @@
-"""Progress bars on stderr (tqdm); the CLI turns them off for ``--json`` and ``--quiet``."""
+"""Progress as callbacks: the library reports what it does, the caller decides how (or whether) to show it.
+
+A :data:`ProgressCallback` is called as ``callback(task, advance, total)``:
+``advance`` more units (bytes) of ``task`` are done, out of ``total``. The
+first call for a task has ``advance == 0`` and announces it. Library code
+(``repo/``, ``load/``) only ever calls these; the CLI renders them as bars
+(``shardstore.cli.progress``), and a library caller that passes no callback
+gets no output at all.
+"""
 
 from __future__ import annotations
 
-import sys
-from types import TracebackType
-from typing import Any
+from collections.abc import Callable
+
+ProgressCallback = Callable[[str, int, int], None]
 
 
-class Progress:
-    """A byte counter with a bar; a no-op when disabled, so callers never branch."""
+def _ignore(_amount: int) -> None:
+    return None
 
-    def __init__(self, description: str, total: int, enabled: bool) -> None:
-        self._bar: Any = None
-        if enabled:
-            from tqdm import tqdm
 
-            self._bar = tqdm(
-                total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024,
-                file=sys.stderr, leave=True, dynamic_ncols=True,
-            )
-
-    def update(self, amount: int) -> None:
-        if self._bar is not None:
-            self._bar.update(amount)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+def progress_task(callback: ProgressCallback | None, task: str, total: int) -> Callable[[int], None]:
+    """Announce ``task`` to ``callback`` and return a function that reports ``amount`` more done."""
+    if callback is None:
+        return _ignore
+    report = callback
+    report(task, 0, total)
+    return lambda amount: report(task, amount, total)

@@ -8,12 +8,14 @@ from shardstore.cli.common import Commands, add_common_options, emit, human_byte
 
 
 def cmd_gc(args: argparse.Namespace) -> None:
+    from shardstore.cli.progress import ProgressBars
     from shardstore.repo.gc import collect
     from shardstore.repo.repository import Repository
     from shardstore.store import open_store
 
     repo = Repository(open_store(args.store))
-    report = collect(repo, grace=args.grace, dry_run=args.dry_run, progress=args.progress)
+    with ProgressBars() as bars:
+        report = collect(repo, grace=args.grace, dry_run=args.dry_run, progress=bars if args.progress else None)
 
     def human() -> str:
         verb = "would delete" if args.dry_run else "deleted"

@@ -51,9 +51,10 @@ def cmd_load(args: argparse.Namespace) -> None:
 
     require_torch("shardstore load")  # before the imports below, which need it
     from shardstore.api import open as open_model
+    from shardstore.cli.progress import ProgressBars
     from shardstore.load.loader import LoadOptions, plan_placements
     from shardstore.load.memory import PeakRss
-    from shardstore.progress import Progress
+    from shardstore.progress import progress_task
 
     device_map: Any = None
     if args.device_map is not None:
@@ -75,8 +76,9 @@ def cmd_load(args: argparse.Namespace) -> None:
         with open_model(args.ref, store=args.store, cache=args.cache, **client_options(args)) as view:
             placements, _map = plan_placements(view.manifest, list(view.manifest.tensors), options)
             total = sum(p.nbytes for p in placements if p.device != "meta")
-            with Progress("load", total, args.progress) as bar:
-                result = view.load(options, threads=args.threads, progress=bar.update)
+            with ProgressBars() as bars:
+                advance = progress_task(bars if args.progress else None, "load", total)
+                result = view.load(options, threads=args.threads, progress=advance)
             ref, manifest_id, raw_model = view.ref, view.manifest_id, view.manifest.raw_bytes
         seconds = time.perf_counter() - started
         figures = result.to_json()

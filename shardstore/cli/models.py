@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 def cmd_push(args: argparse.Namespace) -> None:
     from shardstore.api import push
+    from shardstore.cli.progress import ProgressBars
 
     policy = None
     if args.lossy or args.policy or args.min_snr is not None or args.max_ratio is not None:
@@ -31,9 +32,10 @@ def cmd_push(args: argparse.Namespace) -> None:
 
         policy = build_policy(args.lossy, args.policy, codec=args.codec, min_snr_db=args.min_snr,
                               max_ratio=args.max_ratio)
-    report = push(args.src, args.ref, store=args.store, codec=args.codec, chunk_bytes=args.chunk_size,
-                  threads=args.threads, progress=args.progress, policy=policy, base=args.base,
-                  include=args.include, exclude=args.exclude, **client_options(args))
+    with ProgressBars() as bars:
+        report = push(args.src, args.ref, store=args.store, codec=args.codec, chunk_bytes=args.chunk_size,
+                      threads=args.threads, progress=bars if args.progress else None, policy=policy, base=args.base,
+                      include=args.include, exclude=args.exclude, **client_options(args))
     figures = report.to_json()
 
     def human() -> str:
@@ -42,7 +44,9 @@ def cmd_push(args: argparse.Namespace) -> None:
             f"  {report.tensors} tensors, {human_bytes(report.raw_bytes)} raw -> "
             f"{human_bytes(report.stored_bytes)} stored (ratio {figures['ratio']:.4f}, codec {report.codec})\n"
             f"  uploaded {human_bytes(report.uploaded_bytes)}: {report.shards_uploaded}/{report.shards_total} shards, "
-            f"{report.blobs_uploaded} blobs, in {report.seconds:.2f} s"
+            f"{report.blobs_uploaded} blobs, in {report.seconds:.2f} s\n"
+            f"  encoded {report.pieces_encoded} pieces ({human_bytes(report.bytes_encoded)}), reused "
+            f"{report.pieces_reused} already stored ({human_bytes(report.bytes_reused)})"
         ) + _lossy_summary(report.per_tensor) + _skipped_summary(report.skipped_files)
 
     emit(args, figures, human)
@@ -73,12 +77,14 @@ def _lossy_summary(per_tensor: dict[str, dict[str, Any]]) -> str:
 
 def cmd_pull(args: argparse.Namespace) -> None:
     from shardstore.api import pull
+    from shardstore.cli.progress import ProgressBars
 
     if args.no_weights and args.include:
         raise InvalidInputError("--no-weights and --include exclude each other: --include selects weights to pull")
-    report = pull(args.ref, args.dest, store=args.store, only=args.include, exclude=args.exclude,
-                  weights=not args.no_weights,
-                  threads=args.threads, progress=args.progress, cache=args.cache, **client_options(args))
+    with ProgressBars() as bars:
+        report = pull(args.ref, args.dest, store=args.store, only=args.include, exclude=args.exclude,
+                      weights=not args.no_weights, threads=args.threads,
+                      progress=bars if args.progress else None, cache=args.cache, **client_options(args))
 
     def human() -> str:
         return (
@@ -93,9 +99,11 @@ def cmd_pull(args: argparse.Namespace) -> None:
 
 def cmd_snapshot(args: argparse.Namespace) -> None:
     from shardstore.api import snapshot_report
+    from shardstore.cli.progress import ProgressBars
 
-    report = snapshot_report(args.ref, store=args.store, cache=args.cache, threads=args.threads,
-                             progress=args.progress, **client_options(args))
+    with ProgressBars() as bars:
+        report = snapshot_report(args.ref, store=args.store, cache=args.cache, threads=args.threads,
+                                 progress=bars if args.progress else None, **client_options(args))
     if args.json:
         emit(args, report.to_json(), str)
     elif not args.quiet:

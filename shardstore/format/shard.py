@@ -21,6 +21,7 @@ another row offset produces the same shard bytes and the same shard id
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,3 +149,22 @@ def parse_shard_head(head: bytes, shard_id: str, shard_size: int) -> dict[str, S
     header = parse_header(head[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + length], what,
                           shard_size - HEADER_LENGTH_BYTES - length)
     return _stream_headers(header, what)
+
+
+def read_stream_headers(read_range: Callable[[int, int], bytes], shard_id: str,
+                        size: int) -> list[tuple[StreamHeader, int]]:
+    """Each stream's header and stored size, in stream order, reading only the shard's header.
+
+    ``read_range(start, end)`` returns those bytes of the ``size``-byte shard. As with
+    :func:`parse_shard_head`, nothing is checked against the shard's id: this answers what a
+    shard claims to hold (the content index's check), not whether its bytes are intact.
+    """
+    what = f"shard {shard_id}"
+    length = header_length(read_range(0, HEADER_LENGTH_BYTES), what, size)
+    header = parse_header(read_range(HEADER_LENGTH_BYTES, HEADER_LENGTH_BYTES + length), what,
+                          size - HEADER_LENGTH_BYTES - length)
+    streams, entries = _stream_headers(header, what), header.by_name()
+    ordered = [str(i) for i in range(len(streams))]
+    if sorted(streams) != sorted(ordered):
+        raise FormatError(f"{what}: streams are not named 0..{len(streams) - 1}")
+    return [(streams[key], entries[key].nbytes) for key in ordered]

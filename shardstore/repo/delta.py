@@ -51,14 +51,18 @@ class EncodedPiece:
 
 def encode_piece(
     raw: Buffer, info: PieceInfo, pipeline: Pipeline, base: DeltaBase | None = None, *,
-    name: str = "", shape: tuple[int, ...] = (), rows: tuple[int, int] = (0, 0),
+    name: str = "", shape: tuple[int, ...] = (), rows: tuple[int, int] = (0, 0), raw_digest: str | None = None,
 ) -> EncodedPiece | PieceRef:
-    """How push stores one piece (rows ``rows`` of tensor ``name`` of ``shape``): a stream, or the base's piece."""
+    """How push stores one piece (rows ``rows`` of tensor ``name`` of ``shape``): a stream, or the base's piece.
+
+    ``raw_digest``: the digest of ``raw`` when the caller already has it (push hashes every piece first).
+    """
     counterpart = base.counterpart(name, info.dtype, shape, rows) if base is not None else None
     base_bytes = base.piece_bytes(name, counterpart) if base is not None and counterpart is not None else None
     if counterpart is not None and base_bytes is not None and _same_bytes(raw, base_bytes):
         return counterpart
-    plain = EncodedPiece(StreamHeader(info.dtype, info.shape, tuple(pipeline.configs()), digest(raw)),
+    checksum = raw_digest if raw_digest is not None else digest(raw)
+    plain = EncodedPiece(StreamHeader(info.dtype, info.shape, tuple(pipeline.configs()), checksum),
                          pipeline.encode(raw, info))
     if counterpart is None or base_bytes is None:
         return plain

@@ -25,7 +25,7 @@ from typing import Any
 from shardstore.errors import IntegrityError, NotFoundError, ShardstoreError
 from shardstore.format.digest import is_object_id
 from shardstore.format.manifest import Manifest
-from shardstore.progress import Progress
+from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.leases import Lease, live_leases, remove_expired
 from shardstore.repo.refs import ref_from_key
 from shardstore.repo.repository import Repository
@@ -156,7 +156,7 @@ class GcReport:
 
 
 def collect(repo: Repository, *, grace: float = DEFAULT_GRACE_S, dry_run: bool = False,
-            progress: bool = False) -> GcReport:
+            progress: ProgressCallback | None = None) -> GcReport:
     """Delete every object no ref reaches that is older than ``grace`` seconds; see the module doc."""
     started = time.perf_counter()
     store = repo.store
@@ -180,7 +180,8 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE_S, dry_run: bool =
     return report
 
 
-def _mark_and_sweep(repo: Repository, report: GcReport, *, delete: bool, progress: bool) -> None:
+def _mark_and_sweep(repo: Repository, report: GcReport, *, delete: bool,
+                    progress: ProgressCallback | None) -> None:
     store = repo.store
     now = time.time()
     cutoff = now - report.grace_s
@@ -217,13 +218,13 @@ def _mark_and_sweep(repo: Repository, report: GcReport, *, delete: bool, progres
                 report.kept_young += 1
                 continue
             doomed.append((kind, info))
-    with Progress("gc", sum(info.size for _kind, info in doomed), progress and delete) as bar:
-        for kind, info in doomed:  # manifests first: KINDS order
-            if delete:
-                store.delete(info.key)
-                bar.update(info.size)
-            setattr(report, f"deleted_{kind}", getattr(report, f"deleted_{kind}") + 1)
-            report.bytes_freed += info.size
+    advance = progress_task(progress if delete else None, "gc", sum(info.size for _kind, info in doomed))
+    for kind, info in doomed:  # manifests first: KINDS order
+        if delete:
+            store.delete(info.key)
+            advance(info.size)
+        setattr(report, f"deleted_{kind}", getattr(report, f"deleted_{kind}") + 1)
+        report.bytes_freed += info.size
     if isinstance(store, LocalStore):
         for path in store.stale_temporaries(cutoff):
             if delete:

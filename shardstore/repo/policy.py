@@ -46,7 +46,7 @@ from typing import Any
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec, PieceInfo, Pipeline, codec_from_name, get_codec
 from shardstore.codecs.quantize import FLOAT_DTYPES
 from shardstore.errors import CodecError, InvalidInputError
-from shardstore.progress import Progress
+from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.chunking import PiecePlan, TensorSpec
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.quality import ErrorStats, measure_piece
@@ -177,7 +177,7 @@ class Policy:
         views: dict[str, memoryview],
         *,
         threads: int | None = None,
-        progress: bool = False,
+        progress: ProgressCallback | None = None,
     ) -> dict[str, Pipeline]:
         """The pipeline of every tensor in ``plans`` (auto tensors are measured on their data in ``views``)."""
         specs = list({p.tensor.name: p.tensor for plan in plans for p in plan}.values())
@@ -214,7 +214,7 @@ class _AutoChooser:
     """The automatic mode: measure every candidate on every auto tensor, then pick per tensor."""
 
     def __init__(self, policy: Policy, plans: Sequence[Sequence[PiecePlan]], views: dict[str, memoryview],
-                 threads: int, progress: bool) -> None:
+                 threads: int, progress: ProgressCallback | None) -> None:
         self.policy = policy
         self.threads = threads
         self.progress = progress
@@ -242,10 +242,10 @@ class _AutoChooser:
 
     def _measure_all(self, jobs: list[tuple[str, Pipeline]], label: str) -> list[Measured]:
         results: list[Measured] = []
-        with Progress(label, sum(self._raw_bytes(name) for name, _ in jobs), self.progress) as bar:
-            for (name, _pipeline), measured in zip(jobs, ordered_map(self._measure, jobs, self.threads), strict=True):
-                results.append(measured)
-                bar.update(self._raw_bytes(name))
+        advance = progress_task(self.progress, label, sum(self._raw_bytes(name) for name, _ in jobs))
+        for (name, _pipeline), measured in zip(jobs, ordered_map(self._measure, jobs, self.threads), strict=True):
+            results.append(measured)
+            advance(self._raw_bytes(name))
         return results
 
     def choose(self, auto: list[TensorSpec], fixed: dict[str, Pipeline]) -> dict[str, Pipeline]:

@@ -25,7 +25,7 @@ from shardstore.format import canonical_json
 from shardstore.format.manifest import FileRecord, Manifest
 from shardstore.format.safetensors_io import build_header
 from shardstore.format.shard import parse_shard
-from shardstore.progress import Progress
+from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.model_files import INDEX_SUFFIX
 from shardstore.repo.pieces import RecentShards, decode_piece
 from shardstore.repo.pool import default_threads, ordered_map
@@ -92,7 +92,7 @@ def pull(
     *,
     only: Iterable[str] | None = None,
     threads: int | None = None,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
     exclude: Iterable[str] | None = None,
     weights: bool = True,
 ) -> PullReport:
@@ -117,7 +117,7 @@ def write_model(
     exclude: Iterable[str] | None = None,
     weights: bool = True,
     threads: int | None = None,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
     started: float | None = None,
     received_before: int | None = None,
 ) -> PullReport:
@@ -193,7 +193,7 @@ def _write_tensors(
     names: list[str],
     where: dict[str, _OpenFile],
     threads: int | None,
-    progress: bool,
+    progress: ProgressCallback | None,
     label: str,
 ) -> int:
     wanted = manifest.pieces_by_shard(names)
@@ -212,10 +212,10 @@ def _write_tensors(
 
     total = sum(manifest.tensors[n].raw_bytes for n in names)
     count = 0
-    with Progress(f"pull {label}", total, progress) as bar:
-        for written in ordered_map(decode_and_write, source.fetch_shards(wanted), threads or default_threads()):
-            bar.update(written)
-            count += 1
+    advance = progress_task(progress, f"pull {label}", total)
+    for written in ordered_map(decode_and_write, source.fetch_shards(wanted), threads or default_threads()):
+        advance(written)
+        count += 1
     return count
 
 

@@ -4,6 +4,11 @@ The order is DESIGN invariant 2: every shard and blob is stored before the
 manifest that names them, and the manifest before the ref. A push killed at
 any point leaves only unreferenced (harmless, collectable) objects, and
 re-running it skips every shard already stored.
+
+Before encoding, every shard plan is hashed and looked up in the content
+index (``shardstore.repo.content_index``) with one batched query; a plan the
+store already holds, checked by size, is not encoded again. A push with
+``base`` codes pieces against that base and does not use the index.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ from shardstore.format.manifest import (
     TensorRecord,
 )
 from shardstore.format.shard import StreamHeader, build_shard
-from shardstore.progress import Progress
+from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.chunking import DEFAULT_CHUNK_BYTES, PiecePlan, TensorSpec, plan_shards
+from shardstore.repo.content_index import IndexedPiece, IndexEntry, PieceInput, plan_key
 from shardstore.repo.delta import DeltaBase, EncodedPiece, encode_piece
 from shardstore.repo.inspect import tensor_figures
 from shardstore.repo.model_files import MappedFiles, ModelFiles, scan_model
@@ -58,6 +64,13 @@ class PushReport:
     shards_uploaded: int
     blobs_uploaded: int
     seconds: float
+    # What the content index saved: pieces (and their raw bytes) encoded now, and those whose
+    # shard the store already held, so they were not encoded again.
+    pieces_encoded: int = 0
+    pieces_reused: int = 0
+    bytes_encoded: int = 0
+    bytes_reused: int = 0
+    shards_reused: int = 0
     base: str | None = None  # the base ref of a push with --base
     # name -> codec, raw/stored/new bytes, ratio (``shardstore.repo.inspect.tensor_figures``)
     per_tensor: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -78,30 +91,56 @@ class _EncodedShard:
     pieces: list[tuple[PiecePlan, PieceRef]]
     raw_bytes: int
     errors: list[tuple[str, ErrorStats]] = field(default_factory=list)  # (tensor, error) of each lossy piece
+    reused: bool = False  # the content index named a stored shard holding exactly these pieces
+    index_entry: IndexEntry | None = None  # for the content index, when this plan was encoded now
+
+
+def _raw_piece(piece: PiecePlan, views: dict[str, memoryview]) -> memoryview:
+    start = piece.rows[0] * piece.tensor.row_bytes
+    return views[piece.tensor.name][start : start + piece.nbytes]
+
+
+def _plan_inputs(plan: Sequence[PiecePlan], views: dict[str, memoryview],
+                 pipelines: dict[str, Pipeline]) -> list[PieceInput]:
+    return [PieceInput.of(p.tensor.dtype, p.shape, _raw_piece(p, views), pipelines[p.tensor.name].configs())
+            for p in plan]
+
+
+def _reuse_shard(plan: Sequence[PiecePlan], entry: IndexEntry) -> _EncodedShard:
+    """The pieces of ``plan`` as the streams of the stored shard the index names (stream i = piece i)."""
+    pieces = [(piece, PieceRef(entry.shard, str(i), piece.rows, indexed.stored_bytes))
+              for i, (piece, indexed) in enumerate(zip(plan, entry.pieces, strict=True))]
+    errors = [(piece.tensor.name, indexed.error) for piece, indexed in zip(plan, entry.pieces, strict=True)
+              if indexed.error is not None]
+    return _EncodedShard(entry.shard, entry.size, False, pieces, sum(p.nbytes for p in plan), errors, reused=True)
 
 
 def _encode_shard(
     plan: Sequence[PiecePlan], views: dict[str, memoryview], pipelines: dict[str, Pipeline], target: Registry,
-    base: DeltaBase | None = None,
+    base: DeltaBase | None = None, inputs: Sequence[PieceInput] | None = None,
 ) -> _EncodedShard:
+    """Encode and store one shard; ``inputs`` (the plan's index inputs) also give its index entry."""
     streams: list[tuple[StreamHeader, bytes]] = []
     placed: list[tuple[PiecePlan, PieceRef | tuple[str, PieceBase | None]]] = []  # the base's piece, or our stream
     raw_total = 0
     errors: list[tuple[str, ErrorStats]] = []
-    for piece in plan:
+    piece_errors: list[ErrorStats | None] = []
+    for index, piece in enumerate(plan):
         tensor = piece.tensor
-        start = piece.rows[0] * tensor.row_bytes
-        raw = views[tensor.name][start : start + piece.nbytes]
+        raw = _raw_piece(piece, views)
         pipeline = pipelines[tensor.name]
         encoded: EncodedPiece | PieceRef
         if pipeline.lossless:
             encoded = encode_piece(raw, PieceInfo(tensor.dtype, piece.shape), pipeline, base,
-                                   name=tensor.name, shape=tensor.shape, rows=piece.rows)
+                                   name=tensor.name, shape=tensor.shape, rows=piece.rows,
+                                   raw_digest=inputs[index].raw if inputs is not None else None)
+            piece_errors.append(None)
         else:  # lossy: never a delta; the checksum covers what decodes (dequantized), and the error is kept
             lossy = encode_stream(pipeline, raw, PieceInfo(tensor.dtype, piece.shape), tensor.name)
             header = StreamHeader(tensor.dtype, piece.shape, tuple(pipeline.configs()), lossy.checksum)
             encoded = EncodedPiece(header, lossy.data)
             errors.append((tensor.name, lossy.error or ErrorStats()))
+            piece_errors.append(lossy.error or ErrorStats())
         if isinstance(encoded, PieceRef):
             placed.append((piece, encoded))
         else:
@@ -121,7 +160,11 @@ def _encode_shard(
             assert shard_id is not None
             stream, piece_base = where
             pieces.append((piece, PieceRef(shard_id, stream, piece.rows, len(streams[int(stream)][1]), piece_base)))
-    return _EncodedShard(shard_id, size, uploaded, pieces, raw_total, errors)
+    entry = None
+    if inputs is not None and shard_id is not None and len(streams) == len(plan):
+        entry = IndexEntry(shard_id, size, tuple(IndexedPiece(i, len(payload), e) for i, (_h, payload), e
+                                                 in zip(inputs, streams, piece_errors, strict=True)))
+    return _EncodedShard(shard_id, size, uploaded, pieces, raw_total, errors, index_entry=entry)
 
 
 def push_model(
@@ -132,14 +175,14 @@ def push_model(
     codec: Codec | str = DEFAULT_CODEC_NAME,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     threads: int | None = None,
-    progress: bool = False,
+    progress: ProgressCallback | None = None,
     base: DeltaBase | None = None,
     policy: Policy | None = None,
 ) -> PushReport:
     """Push ``model`` as ``ref``; with ``base``, each piece is coded against the base model's same piece.
 
     ``policy`` says which tensors are quantized and how (``shardstore.repo.policy``);
-    without one every tensor gets ``codec``.
+    without one every tensor gets ``codec``. ``progress`` is told about each stage.
     """
     started = time.perf_counter()
     created = creation_time()  # a bad $SOURCE_DATE_EPOCH fails before anything is written
@@ -156,27 +199,60 @@ def push_model(
     shard_sizes: dict[str, int] = {}
     uploaded_bytes = shards_uploaded = 0
 
-    with MappedFiles(model) as views, Progress(f"push {ref}", raw_total, progress) as bar:
+    counts = {"pieces_encoded": 0, "pieces_reused": 0, "bytes_encoded": 0, "bytes_reused": 0, "shards_reused": 0}
+    # Uploads to an object store wait on round trips, so keep at least its request
+    # concurrency in flight even where that exceeds the cores.
+    workers = threads or max(default_threads(), target.concurrency)
+
+    with MappedFiles(model) as views:
         chosen = policy.resolve(plans, views, threads=threads, progress=progress)
         # Tensors with many exact zeros (pruned, 2:4 sparse) go to the sparse coder.
         pipelines = {s.name: prefer_sparse(chosen[s.name], views[s.name], s.dtype) for s in specs}
+        inputs: list[list[PieceInput]] | None = None
+        keys: list[str] = []
+        found: dict[str, IndexEntry] = {}
+        if base is None:  # a delta's streams depend on its base as well: those pushes encode everything
+            hashed = progress_task(progress, "push: hashing", raw_total)
+
+            def hash_plan(plan: list[PiecePlan]) -> list[PieceInput]:
+                plan_inputs = _plan_inputs(plan, views, pipelines)
+                hashed(sum(p.nbytes for p in plan))
+                return plan_inputs
+
+            inputs = list(ordered_map(hash_plan, plans, workers))
+            keys = [plan_key(plan_inputs) for plan_inputs in inputs]
+            found = target.find_indexed(keys)
         errors: dict[str, ErrorStats] = {}
-        encode = lambda plan: _encode_shard(plan, views, pipelines, target, base)  # noqa: E731
-        # Uploads to an object store wait on round trips, so keep at least its request
-        # concurrency in flight even where that exceeds the cores.
-        workers = threads or max(default_threads(), target.concurrency)
-        for shard in ordered_map(encode, plans, workers):
+        new_entries: list[IndexEntry] = []
+
+        def encode(index: int) -> _EncodedShard:
+            plan = plans[index]
+            entry = found.get(keys[index]) if inputs is not None else None
+            if entry is not None and len(entry.pieces) == len(plan):
+                return _reuse_shard(plan, entry)
+            return _encode_shard(plan, views, pipelines, target, base, inputs[index] if inputs is not None else None)
+
+        advance = progress_task(progress, f"push {ref}", raw_total)
+        for shard in ordered_map(encode, range(len(plans)), workers):
             if shard.shard_id is not None:
                 shard_sizes[shard.shard_id] = shard.size
             if shard.uploaded:
                 uploaded_bytes += shard.size
                 shards_uploaded += 1
+            done = "reused" if shard.reused else "encoded"
+            counts[f"pieces_{done}"] += len(shard.pieces)
+            counts[f"bytes_{done}"] += shard.raw_bytes
+            counts["shards_reused"] += shard.reused
+            if shard.index_entry is not None:
+                new_entries.append(shard.index_entry)
             for plan, piece_ref in shard.pieces:
                 pieces[plan.tensor.name].append(piece_ref)
             for name, error in shard.errors:
                 errors[name] = errors.get(name, ErrorStats()) + error
-            bar.update(shard.raw_bytes)
+            advance(shard.raw_bytes)
 
+    if new_entries:  # after their shards, so an entry never names a shard not yet written
+        target.put_index(new_entries)
     files, blobs, blob_bytes, blobs_uploaded = _upload_files(model, target)
     uploaded_bytes += blob_bytes
     tensors = {
@@ -208,6 +284,11 @@ def push_model(
         blobs_uploaded=blobs_uploaded,
         seconds=round(time.perf_counter() - started, 3),
         base=str(base.ref) if base is not None else None,
+        pieces_encoded=counts["pieces_encoded"],
+        pieces_reused=counts["pieces_reused"],
+        bytes_encoded=counts["bytes_encoded"],
+        bytes_reused=counts["bytes_reused"],
+        shards_reused=counts["shards_reused"],
         per_tensor={name: tensor_figures(manifest, name) for name in tensors},
     )
 

@@ -19,11 +19,12 @@ the source, in the load pipeline (:mod:`shardstore.load.cooperative`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol, Self
 
 from shardstore.format.manifest import Manifest
+from shardstore.repo.content_index import IndexEntry
 from shardstore.repo.refs import Ref
 
 # Shard bytes as a source hands them over: already checked against their id, never copied to be joined.
@@ -87,8 +88,19 @@ class PushTarget(Protocol):
         """The ids among ``shard_ids`` the registry lacks (a push uploads only those)."""
         ...
 
+    def find_indexed(self, keys: Sequence[str]) -> dict[str, IndexEntry]:
+        """The content-index entries of ``keys`` whose shard is stored at the recorded size: one batched query.
+
+        (``shardstore.repo.content_index``; an entry answers for a whole shard plan.)
+        """
+        ...
+
+    def put_index(self, entries: Sequence[IndexEntry]) -> int:
+        """Write content-index entries for shards already stored; how many were kept."""
+        ...
+
     def put_shard(self, shard_id: str, data: bytes | memoryview) -> bool:
-        """Store a shard unless present; whether bytes were written."""
+        """Store a shard unless present whole; whether bytes were written."""
         ...
 
     def put_blob(self, data: bytes) -> tuple[str, bool]:

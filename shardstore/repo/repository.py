@@ -5,6 +5,7 @@
     manifests/<id>.json      immutable
     refs/<name>/<tag>        mutable: the manifest id
     leases/<kind>-<uuid>.json  mutable: pushes and gc in flight (``shardstore.repo.leases``)
+    index/<key[:2]>/<key>    mutable cache: a shard plan's inputs -> its shard (``repo.content_index``)
     config                   the store's format version and features (``shardstore.format.store_config``)
 
 Every read first checks the store's ``config`` (once per repository), every write
@@ -22,10 +23,17 @@ from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Self
 
-from shardstore.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
+from shardstore.errors import (
+    ConflictError,
+    FormatError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    ShardstoreError,
+)
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
-from shardstore.format.shard import StreamHeader, parse_shard_head, shard_head_length
+from shardstore.format.shard import StreamHeader, parse_shard_head, read_stream_headers, shard_head_length
 from shardstore.format.store_config import (
     CONFIG_KEY,
     StoreConfig,
@@ -33,6 +41,7 @@ from shardstore.format.store_config import (
     new_store_config,
     parse_store_config,
 )
+from shardstore.repo.content_index import IndexEntry, index_key
 from shardstore.repo.leases import push_lease
 from shardstore.repo.pool import ordered_map
 from shardstore.repo.refs import Ref, parse_ref, ref_from_key
@@ -248,9 +257,69 @@ class Repository:
     # -- writes (shards and blobs, then manifest, then ref) ---------------------
 
     def put_shard(self, shard_id: str, data: bytes | memoryview) -> bool:
-        """Write a shard unless present; returns whether bytes were written."""
+        """Write a shard unless present whole; returns whether bytes were written.
+
+        A stored object of another size is a truncated or torn copy of these
+        very bytes (the id says what they must be): it is replaced, so a
+        re-push heals it.
+        """
         self.check_writable()
-        return self.store.put_if_absent(shard_key(shard_id), data)
+        key = shard_key(shard_id)
+        if self.store.put_if_absent(key, data):
+            return True
+        if self.store.size(key) == memoryview(data).nbytes:
+            return False
+        self.store.put(key, data)
+        return True
+
+    # -- the content index (``shardstore.repo.content_index``) ------------------
+
+    def find_indexed(self, keys: Iterable[str]) -> dict[str, IndexEntry]:
+        """The entries of ``keys`` whose shard the store holds at the size the entry records.
+
+        Absent, unparsable and stale entries (their shard deleted or truncated)
+        are simply left out: push then encodes those plans and rewrites them.
+        """
+        self.check_readable()
+
+        def check(key: str) -> tuple[str, IndexEntry | None]:
+            try:
+                entry = IndexEntry.parse(self.store.get(index_key(key)), key)
+                return key, entry if self.store.size(shard_key(entry.shard)) == entry.size else None
+            except (NotFoundError, FormatError):
+                return key, None
+
+        found = ordered_map(check, dict.fromkeys(keys), self.concurrency)
+        return {key: entry for key, entry in found if entry is not None}
+
+    def put_index(self, entries: Iterable[IndexEntry], *, check: bool = False) -> int:
+        """Write (or rewrite) index entries, after their shards; returns how many were written.
+
+        ``check``: write only entries that the stored shard bears out (its size,
+        and each stream's header: see :meth:`IndexEntry.matches`) -- what a
+        server does with entries from clients it does not otherwise trust.
+        """
+
+        self.check_writable()
+
+        def put(entry: IndexEntry) -> bool:
+            if check and not self._entry_holds(entry):
+                return False
+            self.store.put(index_key(entry.key), entry.to_bytes())
+            return True
+
+        return sum(ordered_map(put, list(entries), self.concurrency))
+
+    def _entry_holds(self, entry: IndexEntry) -> bool:
+        key = shard_key(entry.shard)
+        try:
+            if self.store.size(key) != entry.size:
+                return False
+            streams = read_stream_headers(lambda start, end: self.store.get_range(key, start, end),
+                                          entry.shard, entry.size)
+        except (NotFoundError, FormatError):
+            return False
+        return entry.matches(streams)
 
     def put_blob(self, data: bytes) -> tuple[str, bool]:
         self.check_writable()

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from shardstore.progress import ProgressCallback
 from shardstore.repo.pull import write_model
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.registry import ModelSource
@@ -59,7 +60,7 @@ def snapshot_path(root: str | os.PathLike[str], manifest_id: str) -> Path:
 
 
 def snapshot(source: ModelSource, ref_text: str, root: str | os.PathLike[str], *, threads: int | None = None,
-             progress: bool = False) -> SnapshotReport:
+             progress: ProgressCallback | None = None) -> SnapshotReport:
     """The folder of ``ref_text`` under ``root/snapshots``, written only if no snapshot of its manifest exists."""
     started = time.perf_counter()
     received_before = source.transferred_bytes

@@ -182,6 +182,7 @@ REGISTRY_RULES: dict[str, Rule] = {
     "FindMissing": Rule(Scope.WRITE),
     "UploadObjects": Rule(Scope.WRITE),
     "PutManifest": Rule(Scope.WRITE),
+    "PutIndex": Rule(Scope.WRITE),
     "SetRef": Rule(Scope.WRITE, name_field="name"),
     "DeleteRef": Rule(Scope.DELETE, name_field="name"),
 }

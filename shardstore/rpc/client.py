@@ -40,15 +40,16 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
-from shardstore.errors import IntegrityError, InvalidInputError, StoreError
+from shardstore.errors import FormatError, IntegrityError, InvalidInputError, StoreError
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.format.safetensors_io import MAX_HEADER_BYTES
+from shardstore.repo.content_index import IndexEntry
 from shardstore.repo.refs import Ref, parse_ref
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
@@ -81,6 +82,10 @@ MAX_BACKOFF_S = 5.0
 # Shards verified and waiting for the decoder; with the decoder's own window
 # this bounds what a pull holds in memory to a few shards, whatever the model.
 DEFAULT_PREFETCH_SHARDS = 4
+# Content-index keys per FindMissing (the server takes 100000 ids; an entry answer is ~300 bytes a
+# piece, so this keeps the answer well inside the message limit). A 4 MiB-chunked model under 80 GB
+# is one call.
+INDEX_KEYS_PER_REQUEST = 20_000
 
 # Signed URLs are asked for this many shards at a time, just before they are fetched, so that
 # none expires while earlier batches download and a request stays small.
@@ -565,6 +570,48 @@ class GrpcClient:
 
     def missing_shards(self, shard_ids: Iterable[str]) -> list[str]:
         return self.find_missing(shard_ids=dict.fromkeys(shard_ids))[0]
+
+    def find_indexed(self, keys: Sequence[str]) -> dict[str, IndexEntry]:
+        """Content-index entries whose shard the server holds at the right size: one FindMissing per push.
+
+        (Split only past the server's per-request id limit.) The server checks the
+        shard; each entry must also answer a key asked for, or it is ignored.
+        """
+        wanted = list(dict.fromkeys(keys))
+        found: dict[str, IndexEntry] = {}
+        for start in range(0, len(wanted), INDEX_KEYS_PER_REQUEST):
+            batch = wanted[start : start + INDEX_KEYS_PER_REQUEST]
+            request = pb.FindMissingRequest(index_keys=batch)
+
+            def call(request: pb.FindMissingRequest = request) -> list[bytes]:
+                response = self._stub.FindMissing(request, **self._unary_options)
+                self._count(response.ByteSize())
+                return list(response.index_entries)
+
+            asked = set(batch)
+            for data in self._retrying("look up the content index", call):
+                try:
+                    entry = IndexEntry.parse(data, None)
+                except FormatError:
+                    continue
+                if entry.key in asked:
+                    found[entry.key] = entry
+        return found
+
+    def put_index(self, entries: Sequence[IndexEntry]) -> int:
+        """Send index entries for shards already uploaded; the server keeps those the shards bear out."""
+        written = 0
+        for start in range(0, len(entries), INDEX_KEYS_PER_REQUEST):
+            batch = entries[start : start + INDEX_KEYS_PER_REQUEST]
+            request = pb.PutIndexRequest(entries=[e.to_bytes() for e in batch])
+
+            def call(request: pb.PutIndexRequest = request) -> int:
+                response = self._stub.PutIndex(request, **self._unary_options)
+                self._count(response.ByteSize())
+                return int(response.written)
+
+            written += self._retrying("write the content index", call)
+        return written
 
     def _upload(self, kind: pb.ObjectKind, object_id: str, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")

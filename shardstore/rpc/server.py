@@ -43,10 +43,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardstore.errors import IntegrityError, InvalidInputError, ShardstoreError
+from shardstore.errors import FormatError, IntegrityError, InvalidInputError, ShardstoreError
 from shardstore.format.digest import check_object_id
 from shardstore.format.manifest import parse_manifest
 from shardstore.http.app import HttpContext, HttpListener, create_http_app
+from shardstore.repo.content_index import IndexEntry
 from shardstore.repo.leases import WriteLease
 from shardstore.repo.refs import DEFAULT_TAG, parse_ref
 from shardstore.repo.repository import Repository, blob_key, shard_key
@@ -345,17 +346,21 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def FindMissing(self, request: pb.FindMissingRequest, context: grpc.aio.ServicerContext
                           ) -> pb.FindMissingResponse:
         try:
-            if len(request.shard_ids) + len(request.blob_ids) > MAX_IDS_PER_REQUEST:
+            if len(request.shard_ids) + len(request.blob_ids) + len(request.index_keys) > MAX_IDS_PER_REQUEST:
                 raise InvalidInputError(f"at most {MAX_IDS_PER_REQUEST} ids per request")
             shards = [check_object_id(s, "shard id") for s in request.shard_ids]
             blobs = [check_object_id(b, "blob id") for b in request.blob_ids]
+            index_keys = [check_object_id(k, "index key") for k in request.index_keys]
 
-            def missing() -> tuple[list[str], list[str]]:
+            def missing() -> tuple[list[str], list[str], list[bytes]]:
                 self._begin_write()  # "already have it" is a promise until the client's ref is set
-                return self.repo.missing_shards(shards), self.repo.missing_blobs(blobs)
+                indexed = self.repo.find_indexed(index_keys) if index_keys else {}
+                return (self.repo.missing_shards(shards), self.repo.missing_blobs(blobs),
+                        [entry.to_bytes() for entry in indexed.values()])
 
-            missing_shards, missing_blobs = await self._run(missing)
-            return pb.FindMissingResponse(missing_shard_ids=missing_shards, missing_blob_ids=missing_blobs)
+            missing_shards, missing_blobs, entries = await self._run(missing)
+            return pb.FindMissingResponse(missing_shard_ids=missing_shards, missing_blob_ids=missing_blobs,
+                                          index_entries=entries)
         except ShardstoreError as exc:
             await self._abort(context, exc)
             raise AssertionError("unreachable") from None
@@ -428,6 +433,28 @@ class RegistryServicer(pb_grpc.RegistryServicer):
 
             manifest_id, written = await self._run(check_and_put)
             return pb.PutManifestResponse(manifest_id=manifest_id, written=written > 0)
+        except ShardstoreError as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from None
+
+    async def PutIndex(self, request: pb.PutIndexRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.PutIndexResponse:
+        try:
+            if len(request.entries) > MAX_IDS_PER_REQUEST:
+                raise InvalidInputError(f"at most {MAX_IDS_PER_REQUEST} index entries per request")
+
+            def put() -> int:
+                self._begin_write()
+                entries = []
+                for data in request.entries:
+                    try:
+                        entries.append(IndexEntry.parse(data, None))
+                    except FormatError:
+                        continue  # a cache entry that does not parse is dropped, never stored
+                # Clients are not trusted to say what a shard holds: each entry is checked against it.
+                return self.repo.put_index(entries, check=True)
+
+            return pb.PutIndexResponse(written=await self._run(put))
         except ShardstoreError as exc:
             await self._abort(context, exc)
             raise AssertionError("unreachable") from None

@@ -84,20 +84,36 @@ class SignObjectUrlsResponse(_message.Message):
     def __init__(self, urls: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[int] = ...) -> None: ...
 
 class FindMissingRequest(_message.Message):
-    __slots__ = ("shard_ids", "blob_ids")
+    __slots__ = ("shard_ids", "blob_ids", "index_keys")
     SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
     BLOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_KEYS_FIELD_NUMBER: _ClassVar[int]
     shard_ids: _containers.RepeatedScalarFieldContainer[str]
     blob_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, shard_ids: _Optional[_Iterable[str]] = ..., blob_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    index_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shard_ids: _Optional[_Iterable[str]] = ..., blob_ids: _Optional[_Iterable[str]] = ..., index_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FindMissingResponse(_message.Message):
-    __slots__ = ("missing_shard_ids", "missing_blob_ids")
+    __slots__ = ("missing_shard_ids", "missing_blob_ids", "index_entries")
     MISSING_SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
     MISSING_BLOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     missing_shard_ids: _containers.RepeatedScalarFieldContainer[str]
     missing_blob_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, missing_shard_ids: _Optional[_Iterable[str]] = ..., missing_blob_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    index_entries: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, missing_shard_ids: _Optional[_Iterable[str]] = ..., missing_blob_ids: _Optional[_Iterable[str]] = ..., index_entries: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PutIndexRequest(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, entries: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class PutIndexResponse(_message.Message):
+    __slots__ = ("written",)
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    written: int
+    def __init__(self, written: _Optional[int] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("kind", "id", "offset", "total_size", "data")

@@ -75,6 +75,11 @@ class RegistryStub:
                 request_serializer=shardstore_dot_v1_dot_registry__pb2.PutManifestRequest.SerializeToString,
                 response_deserializer=shardstore_dot_v1_dot_registry__pb2.PutManifestResponse.FromString,
                 _registered_method=True)
+        self.PutIndex = channel.unary_unary(
+                '/shardstore.v1.Registry/PutIndex',
+                request_serializer=shardstore_dot_v1_dot_registry__pb2.PutIndexRequest.SerializeToString,
+                response_deserializer=shardstore_dot_v1_dot_registry__pb2.PutIndexResponse.FromString,
+                _registered_method=True)
         self.SetRef = channel.unary_unary(
                 '/shardstore.v1.Registry/SetRef',
                 request_serializer=shardstore_dot_v1_dot_registry__pb2.SetRefRequest.SerializeToString,
@@ -144,7 +149,9 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FindMissing(self, request, context):
-        """Which of these shards and blobs the store lacks, so a push uploads only those.
+        """Which of these shards and blobs the store lacks, so a push uploads only those;
+        and which of these content-index keys name a shard the store holds whole, so
+        a push need not even encode those (one call per push asks for all of them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,6 +172,16 @@ class RegistryServicer:
         """Store a manifest. Accepted only when every shard and blob it names is
         already in the store (push order invariant); otherwise NOT_FOUND naming
         the first missing object. Writing a manifest that exists is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutIndex(self, request, context):
+        """Write content-index entries (docs/design.md, "The content index") for
+        shards already uploaded. The server keeps only entries that the stored
+        shard bears out (its size, and each stream's dtype, shape, pipeline,
+        size and, for lossless streams, checksum); the rest are dropped, not errors.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -238,6 +255,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.PutManifest,
                     request_deserializer=shardstore_dot_v1_dot_registry__pb2.PutManifestRequest.FromString,
                     response_serializer=shardstore_dot_v1_dot_registry__pb2.PutManifestResponse.SerializeToString,
+            ),
+            'PutIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutIndex,
+                    request_deserializer=shardstore_dot_v1_dot_registry__pb2.PutIndexRequest.FromString,
+                    response_serializer=shardstore_dot_v1_dot_registry__pb2.PutIndexResponse.SerializeToString,
             ),
             'SetRef': grpc.unary_unary_rpc_method_handler(
                     servicer.SetRef,
@@ -471,6 +493,33 @@ class Registry:
             '/shardstore.v1.Registry/PutManifest',
             shardstore_dot_v1_dot_registry__pb2.PutManifestRequest.SerializeToString,
             shardstore_dot_v1_dot_registry__pb2.PutManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardstore.v1.Registry/PutIndex',
+            shardstore_dot_v1_dot_registry__pb2.PutIndexRequest.SerializeToString,
+            shardstore_dot_v1_dot_registry__pb2.PutIndexResponse.FromString,
             options,
             channel_credentials,
             insecure,
