@@ -1,7 +1,7 @@
-"""Builds the optional C extension of the float-entropy codec; pyproject.toml holds the metadata.
+"""Builds the optional C extensions (float-entropy coding, the intN clipping search); pyproject.toml has the metadata.
 
 ``optional=True``: a machine without a C compiler still installs shardstore, and the
-codec falls back to its numpy implementation (same byte format, slower).
+codecs fall back to their numpy implementations (same bytes, slower).
 """
 
 from setuptools import Extension, setup  # type: ignore[import-untyped]
@@ -14,6 +14,14 @@ setup(
             # Portable flags only: wheels and CI machines may differ from the build host.
             extra_compile_args=["-O3", "-std=c99"],
             optional=True,
-        )
+        ),
+        Extension(
+            "shardstore.codecs._quantize",
+            sources=["shardstore/codecs/_quantize.c"],
+            # ISO C and no FMA contraction: every float32 operation rounds as numpy's does;
+            # -fno-trapping-math only lets the loop use blends (no value changes).
+            extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off", "-fno-trapping-math"],
+            optional=True,
+        ),
     ]
 )

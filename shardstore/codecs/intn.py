@@ -19,6 +19,7 @@ points, per row and group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -29,34 +30,60 @@ CLIP_STEP = 0.05  # the shrink factors are 1 - CLIP_STEP * i
 MAX_CLIP_STEPS = 19  # down to 0.10
 
 
-def _search(groups: F32Array, bits: int, clip_steps: int) -> tuple[npt.NDArray[np.uint8], F32Array, F32Array]:
-    """Codes, scales and zero points of (rows, ngroups, size) float32 groups, clipping searched."""
-    qmax = np.float32((1 << bits) - 1)
-    lo = np.minimum(groups.min(axis=2), 0)
-    hi = np.maximum(groups.max(axis=2), 0)
-    best_err = np.full(lo.shape, np.inf, dtype=np.float32)
-    best_scale = np.zeros_like(lo)
-    best_zero = np.zeros_like(lo)
+try:  # the fused search (same float32 bits as the numpy passes below, several times faster)
+    from shardstore.codecs import _quantize  # type: ignore[attr-defined]
+
+    C_SEARCH: Any = _quantize
+except ImportError:  # no C compiler at install time
+    C_SEARCH = None
+
+
+def _clip_errors(groups: F32Array, divisors: F32Array, zeros: F32Array, scales: F32Array,
+                 qmax: np.float32, use_c: bool = True) -> F32Array:
+    """(steps, rows, ngroups) squared errors of (rows, ngroups, size) groups under each step's parameters."""
+    errors = np.empty(divisors.shape, dtype=np.float32)
+    if use_c and C_SEARCH is not None and groups.size:
+        C_SEARCH.clip_errors(np.ascontiguousarray(groups), groups.shape[2], np.ascontiguousarray(divisors),
+                             np.ascontiguousarray(zeros), np.ascontiguousarray(scales), float(qmax), errors)
+        return errors
     work = np.empty_like(groups)
-    for step in range(clip_steps):
-        factor = np.float32(1 - CLIP_STEP * step)
-        scale = bf16_ceil((hi - lo) * factor / qmax)
-        divisor = np.where(scale > 0, scale, np.float32(1))
-        zero = np.clip(np.rint(-lo * factor / divisor), 0, qmax)
+    for step in range(divisors.shape[0]):
+        divisor, zero = divisors[step], zeros[step]
         # work = (clip(round(x / s) + z, 0, qmax) - z) * s - x, in place: the search is the cost of this codec.
         np.divide(groups, divisor[..., None], out=work)
         np.rint(work, out=work)
         work += zero[..., None]
         np.clip(work, 0, qmax, out=work)
         work -= zero[..., None]
-        work *= scale[..., None]
+        work *= scales[step][..., None]
         work -= groups
         np.square(work, out=work)
-        err = work.sum(axis=2)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_scale = np.where(better, scale, best_scale)
-        best_zero = np.where(better, zero, best_zero)
+        errors[step] = work.sum(axis=2)
+    return errors
+
+
+def _search(groups: F32Array, bits: int, clip_steps: int,
+            use_c: bool = True) -> tuple[npt.NDArray[np.uint8], F32Array, F32Array]:
+    """Codes, scales and zero points of (rows, ngroups, size) float32 groups, clipping searched."""
+    qmax = np.float32((1 << bits) - 1)
+    lo = np.minimum(groups.min(axis=2), 0)
+    hi = np.maximum(groups.max(axis=2), 0)
+    shape = (clip_steps, *lo.shape)
+    scales, divisors, zeros = (np.empty(shape, dtype=np.float32) for _ in range(3))
+    for step in range(clip_steps):
+        factor = np.float32(1 - CLIP_STEP * step)
+        scales[step] = bf16_ceil((hi - lo) * factor / qmax)
+        divisors[step] = np.where(scales[step] > 0, scales[step], np.float32(1))
+        zeros[step] = np.clip(np.rint(-lo * factor / divisors[step]), 0, qmax)
+    errors = _clip_errors(groups, divisors, zeros, scales, qmax, use_c)
+    best_err = np.full(lo.shape, np.inf, dtype=np.float32)
+    best_scale = np.zeros_like(lo)
+    best_zero = np.zeros_like(lo)
+    for step in range(clip_steps):  # ties keep the earlier, larger factor
+        better = errors[step] < best_err
+        best_err = np.where(better, errors[step], best_err)
+        best_scale = np.where(better, scales[step], best_scale)
+        best_zero = np.where(better, zeros[step], best_zero)
     divisor = np.where(best_scale > 0, best_scale, np.float32(1))
     codes = np.clip(np.rint(groups / divisor[..., None]) + best_zero[..., None], 0, qmax).astype(np.uint8)
     return codes, best_scale, best_zero

@@ -207,10 +207,15 @@ class QuantizeCodec(Codec):
     def output_info(self, info: PieceInfo) -> PieceInfo:
         return PieceInfo("U8", (self.encoded_size(info),))
 
-    def encode(self, data: Buffer, info: PieceInfo) -> bytes:
+    def check_piece(self, data: Buffer, info: PieceInfo) -> tuple[int, int]:
+        """(rows, columns) of a piece this codec can take; raises for another dtype or a wrong size."""
         rows, columns = self._check_dtype(info)
         if memoryview(data).nbytes != info.nbytes:
             raise CodecError(f"{self.codec_id}: got {memoryview(data).nbytes} bytes, expected {info.nbytes}")
+        return rows, columns
+
+    def encode(self, data: Buffer, info: PieceInfo) -> bytes:
+        rows, columns = self.check_piece(data, info)
         values = to_float32(data, info.dtype)
         if not np.isfinite(values).all():
             raise CodecError(f"{self.codec_id}: the piece holds NaN or infinity; store this tensor losslessly")

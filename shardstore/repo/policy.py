@@ -49,7 +49,7 @@ from shardstore.errors import CodecError, InvalidInputError
 from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.chunking import PiecePlan, TensorSpec
 from shardstore.repo.pool import default_threads, ordered_map
-from shardstore.repo.quality import ErrorStats, measure_piece
+from shardstore.repo.quality import EncodedStream, ErrorStats, PieceOriginal, measure_piece
 
 AUTO = "auto"
 DEFAULT_KEEP_LOSSLESS = ("*norm*", "*Norm*", "*.bias")
@@ -178,8 +178,13 @@ class Policy:
         *,
         threads: int | None = None,
         progress: ProgressCallback | None = None,
+        prepared: Prepared | None = None,
     ) -> dict[str, Pipeline]:
-        """The pipeline of every tensor in ``plans`` (auto tensors are measured on their data in ``views``)."""
+        """The pipeline of every tensor in ``plans`` (auto tensors are measured on their data in ``views``).
+
+        ``prepared``, when given, receives the streams the auto mode already
+        encoded for the pipelines it chose, keyed by (tensor, rows).
+        """
         specs = list({p.tensor.name: p.tensor for plan in plans for p in plan}.values())
         self.check_patterns(specs)
         lossless = Pipeline((self.lossless,))
@@ -195,7 +200,10 @@ class Policy:
                 chosen[spec.name] = self.pipeline_for(rule.codec)
         if auto:
             chooser = _AutoChooser(self, plans, views, threads or default_threads(), progress)
-            chosen.update(chooser.choose(auto, chosen))
+            pipelines, streams = chooser.choose(auto, chosen)
+            chosen.update(pipelines)
+            if prepared is not None:
+                prepared.update(streams)
         return {spec.name: chosen[spec.name] for spec in specs}
 
 
@@ -204,68 +212,132 @@ class Measured:
     pipeline: Pipeline
     stored_bytes: int
     error: ErrorStats
+    # Each piece's stream, kept while this option may still be chosen (push then stores it as is).
+    streams: tuple[EncodedStream, ...] | None = None
 
     @property
     def snr_db(self) -> float:
         return self.error.snr_db
 
+    def without_streams(self) -> Measured:
+        return dataclasses.replace(self, streams=None)
+
+
+# Candidate streams kept for push between measuring and storing: what the --lossy auto mode saves by
+# not encoding its winners twice. Past this many bytes the remaining winners are encoded again.
+KEEP_STREAM_BYTES = 1 << 30
+Prepared = dict[tuple[str, tuple[int, int]], EncodedStream]  # (tensor, rows) -> the stream push stores
+
 
 class _AutoChooser:
-    """The automatic mode: measure every candidate on every auto tensor, then pick per tensor."""
+    """The automatic mode: measure every candidate on every auto tensor, then pick per tensor.
+
+    Each candidate is encoded once: its streams are kept while it can still be
+    picked, and the winners' are handed to push (``prepared``), which stores
+    them without encoding again.
+    """
 
     def __init__(self, policy: Policy, plans: Sequence[Sequence[PiecePlan]], views: dict[str, memoryview],
-                 threads: int, progress: ProgressCallback | None) -> None:
+                 threads: int, progress: ProgressCallback | None, keep_bytes: int | None = None) -> None:
         self.policy = policy
         self.threads = threads
         self.progress = progress
         self.views = views
+        self.keep_bytes = KEEP_STREAM_BYTES if keep_bytes is None else keep_bytes
+        self.kept_bytes = 0
         self.pieces: dict[str, list[PiecePlan]] = {}
         for plan in plans:
             for piece in plan:
                 self.pieces.setdefault(piece.tensor.name, []).append(piece)
 
-    def _measure(self, job: tuple[str, Pipeline]) -> Measured:
-        name, pipeline = job
-        stored, error = 0, ErrorStats()
+    def _measure(self, job: tuple[str, list[Pipeline]]) -> list[Measured]:
+        """Every option on one tensor, piece by piece (each piece converted once for all options)."""
+        name, options = job
+        stored = [0] * len(options)
+        errors = [ErrorStats()] * len(options)
+        streams: list[list[EncodedStream] | None] = [[] for _ in options]
         for piece in self.pieces[name]:
             start = piece.rows[0] * piece.tensor.row_bytes
             raw = self.views[name][start : start + piece.nbytes]
-            try:
-                size, piece_error = measure_piece(pipeline, raw, piece_info(piece))
-            except CodecError:  # NaN or infinity in the tensor: no quantizer takes it, lossless does
-                return Measured(pipeline, 1 << 62, ErrorStats(squared_error=math.inf))
-            stored, error = stored + size, error + piece_error
-        return Measured(pipeline, stored, error)
+            info = piece_info(piece)
+            original = PieceOriginal.of(raw, info) if not all(o.lossless for o in options) else None
+            for index, option in enumerate(options):
+                kept = streams[index]
+                if kept is None:
+                    continue  # refused on an earlier piece
+                try:
+                    stream = measure_piece(option, raw, info, original)
+                except CodecError:  # NaN or infinity in the tensor: no quantizer takes it, lossless does
+                    streams[index] = None
+                    stored[index], errors[index] = 1 << 62, ErrorStats(squared_error=math.inf)
+                    continue
+                kept.append(stream)
+                stored[index] += len(stream.data)
+                errors[index] = errors[index] + (stream.error or ErrorStats())
+        rows = [Measured(option, stored[i], errors[i], tuple(kept) if kept is not None else None)
+                for i, (option, kept) in enumerate(zip(options, streams, strict=True))]
+        return self._prune(rows)
+
+    def _prune(self, rows: list[Measured]) -> list[Measured]:
+        """Drop the streams of options that no floor can pick (only the figures matter for those)."""
+        if len(rows) == 1:
+            return rows
+        if self.policy.max_ratio is None and self.policy.min_snr_db is not None:
+            winner = pick(rows, self.policy.min_snr_db)
+            return [row if row is winner else row.without_streams() for row in rows]
+
+        def beats(b: Measured, a: Measured, b_first: bool) -> bool:
+            # b qualifies whenever a does and pick() prefers it: a is never picked.
+            key_b, key_a = (b.stored_bytes, -b.snr_db), (a.stored_bytes, -a.snr_db)
+            return b.snr_db >= a.snr_db and (key_b < key_a or (key_b == key_a and b_first))
+
+        return [row if not any(beats(other, row, j < i) for j, other in enumerate(rows) if j != i)
+                else row.without_streams() for i, row in enumerate(rows)]
 
     def _raw_bytes(self, name: str) -> int:
         return sum(p.nbytes for p in self.pieces[name])
 
-    def _measure_all(self, jobs: list[tuple[str, Pipeline]], label: str) -> list[Measured]:
-        results: list[Measured] = []
-        advance = progress_task(self.progress, label, sum(self._raw_bytes(name) for name, _ in jobs))
-        for (name, _pipeline), measured in zip(jobs, ordered_map(self._measure, jobs, self.threads), strict=True):
-            results.append(measured)
-            advance(self._raw_bytes(name))
-        return results
+    def _measure_all(self, jobs: list[tuple[str, list[Pipeline]]], label: str) -> dict[str, list[Measured]]:
+        table: dict[str, list[Measured]] = {}
+        advance = progress_task(self.progress, label, sum(self._raw_bytes(n) * len(o) for n, o in jobs))
+        for (name, options), rows in zip(jobs, ordered_map(self._measure, jobs, self.threads), strict=True):
+            table[name] = [self._keep(row) for row in rows]
+            advance(self._raw_bytes(name) * len(options))
+        return table
 
-    def choose(self, auto: list[TensorSpec], fixed: dict[str, Pipeline]) -> dict[str, Pipeline]:
+    def _keep(self, row: Measured) -> Measured:
+        """Hold a row's streams only within the budget (memory stays bounded on any model)."""
+        if row.streams is None:
+            return row
+        size = sum(len(s.data) for s in row.streams)
+        if self.kept_bytes + size > self.keep_bytes:
+            return row.without_streams()
+        self.kept_bytes += size
+        return row
+
+    def _prepared(self, chosen: dict[str, Measured]) -> Prepared:
+        return {(name, piece.rows): stream for name, row in chosen.items() if row.streams is not None
+                for piece, stream in zip(self.pieces[name], row.streams, strict=True)}
+
+    def choose(self, auto: list[TensorSpec], fixed: dict[str, Pipeline]) -> tuple[dict[str, Pipeline], Prepared]:
         policy = self.policy
         options = [policy.pipeline_for(c) for c in policy.auto_candidates()] + [Pipeline((policy.lossless,))]
-        jobs = [(spec.name, option) for spec in auto for option in options]
-        measured = self._measure_all(jobs, "auto: trying codecs")
-        table = {spec.name: measured[i * len(options) : (i + 1) * len(options)] for i, spec in enumerate(auto)}
+        table = self._measure_all([(spec.name, options) for spec in auto], "auto: trying codecs")
         if policy.max_ratio is None:
             assert policy.min_snr_db is not None
-            return {name: pick(rows, policy.min_snr_db).pipeline for name, rows in table.items()}
+            chosen = {name: pick(rows, policy.min_snr_db) for name, rows in table.items()}
+            return {name: row.pipeline for name, row in chosen.items()}, self._prepared(chosen)
         return self._within_ratio(table, fixed, policy.max_ratio)
 
     def _within_ratio(self, table: dict[str, list[Measured]], fixed: dict[str, Pipeline],
-                      max_ratio: float) -> dict[str, Pipeline]:
+                      max_ratio: float) -> tuple[dict[str, Pipeline], Prepared]:
         """The highest SNR floor (at least --min-snr) whose picks keep the whole model within ``max_ratio``."""
-        fixed_sizes = self._measure_all(list(fixed.items()), "auto: sizing the rest")
+        fixed_sizes = self._measure_all([(name, [pipeline]) for name, pipeline in fixed.items()],
+                                        "auto: sizing the rest")
         raw_total = sum(self._raw_bytes(name) for name in self.pieces)
         piece_count = sum(len(pieces) for pieces in self.pieces.values())
-        budget = max_ratio * raw_total - sum(m.stored_bytes for m in fixed_sizes) - HEADER_ALLOWANCE * piece_count
+        fixed_bytes = sum(rows[0].stored_bytes for rows in fixed_sizes.values())
+        budget = max_ratio * raw_total - fixed_bytes - HEADER_ALLOWANCE * piece_count
 
         def size_at(floor: float) -> int:
             return sum(pick(rows, floor).stored_bytes for rows in table.values())
@@ -288,7 +360,10 @@ class _AutoChooser:
             else:
                 high = middle
         floor = floors[low] if low >= 0 else floor_min
-        return {name: pick(rows, floor).pipeline for name, rows in table.items()}
+        chosen = {name: pick(rows, floor) for name, rows in table.items()}
+        chosen.update({name: rows[0] for name, rows in fixed_sizes.items()})
+        pipelines = {name: row.pipeline for name, row in chosen.items() if name not in fixed}
+        return pipelines, self._prepared(chosen)
 
 
 def pick(rows: Iterable[Measured], min_snr_db: float) -> Measured:

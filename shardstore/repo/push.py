@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from shardstore.codecs import DEFAULT_CODEC_NAME, Codec, PieceInfo, Pipeline, codec_from_name
 from shardstore.codecs.sparse import prefer_sparse
 from shardstore.errors import InvalidInputError, NotFoundError
@@ -41,7 +43,7 @@ from shardstore.repo.content_index import IndexedPiece, IndexEntry, PieceInput, 
 from shardstore.repo.delta import DeltaBase, EncodedPiece, encode_piece
 from shardstore.repo.inspect import tensor_figures
 from shardstore.repo.model_files import MappedFiles, ModelFiles, scan_model
-from shardstore.repo.policy import Policy
+from shardstore.repo.policy import Policy, Prepared
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.quality import ErrorStats, encode_stream
 from shardstore.repo.refs import Ref
@@ -117,9 +119,12 @@ def _reuse_shard(plan: Sequence[PiecePlan], entry: IndexEntry) -> _EncodedShard:
 
 def _encode_shard(
     plan: Sequence[PiecePlan], views: dict[str, memoryview], pipelines: dict[str, Pipeline], target: Registry,
-    base: DeltaBase | None = None, inputs: Sequence[PieceInput] | None = None,
+    base: DeltaBase | None = None, inputs: Sequence[PieceInput] | None = None, prepared: Prepared | None = None,
 ) -> _EncodedShard:
-    """Encode and store one shard; ``inputs`` (the plan's index inputs) also give its index entry."""
+    """Encode and store one shard; ``inputs`` (the plan's index inputs) also give its index entry.
+
+    ``prepared`` holds streams already encoded under the piece's pipeline (by ``--lossy auto``).
+    """
     streams: list[tuple[StreamHeader, bytes]] = []
     placed: list[tuple[PiecePlan, PieceRef | tuple[str, PieceBase | None]]] = []  # the base's piece, or our stream
     raw_total = 0
@@ -130,7 +135,14 @@ def _encode_shard(
         raw = _raw_piece(piece, views)
         pipeline = pipelines[tensor.name]
         encoded: EncodedPiece | PieceRef
-        if pipeline.lossless:
+        ready = prepared.get((tensor.name, piece.rows)) if prepared else None
+        if ready is not None:
+            header = StreamHeader(tensor.dtype, piece.shape, tuple(pipeline.configs()), ready.checksum)
+            encoded = EncodedPiece(header, ready.data)
+            if ready.error is not None:
+                errors.append((tensor.name, ready.error))
+            piece_errors.append(ready.error)
+        elif pipeline.lossless:
             encoded = encode_piece(raw, PieceInfo(tensor.dtype, piece.shape), pipeline, base,
                                    name=tensor.name, shape=tensor.shape, rows=piece.rows,
                                    raw_digest=inputs[index].raw if inputs is not None else None)
@@ -204,10 +216,16 @@ def push_model(
     # concurrency in flight even where that exceeds the cores.
     workers = threads or max(default_threads(), target.concurrency)
 
-    with MappedFiles(model) as views:
-        chosen = policy.resolve(plans, views, threads=threads, progress=progress)
+    # Push already runs one thread per core; BLAS's own threads (the error figures' dot products)
+    # would only spin beside them, and make those figures depend on the BLAS thread count.
+    with MappedFiles(model) as views, threadpool_limits(1, user_api="blas"):
+        prepared: Prepared = {}  # streams --lossy auto encoded while measuring: stored as they are
+        chosen = policy.resolve(plans, views, threads=threads, progress=progress, prepared=prepared)
         # Tensors with many exact zeros (pruned, 2:4 sparse) go to the sparse coder.
         pipelines = {s.name: prefer_sparse(chosen[s.name], views[s.name], s.dtype) for s in specs}
+        for name, rows in list(prepared):
+            if pipelines[name] != chosen[name] or (base is not None and pipelines[name].lossless):
+                del prepared[name, rows]  # not the pipeline measured, or a piece a delta may code
         inputs: list[list[PieceInput]] | None = None
         keys: list[str] = []
         found: dict[str, IndexEntry] = {}
@@ -230,7 +248,8 @@ def push_model(
             entry = found.get(keys[index]) if inputs is not None else None
             if entry is not None and len(entry.pieces) == len(plan):
                 return _reuse_shard(plan, entry)
-            return _encode_shard(plan, views, pipelines, target, base, inputs[index] if inputs is not None else None)
+            return _encode_shard(plan, views, pipelines, target, base, inputs[index] if inputs is not None else None,
+                                 prepared)
 
         advance = progress_task(progress, f"push {ref}", raw_total)
         for shard in ordered_map(encode, range(len(plans)), workers):

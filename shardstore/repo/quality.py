@@ -14,10 +14,11 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from shardstore.codecs.base import Buffer, PieceInfo
 from shardstore.codecs.pipeline import Pipeline
-from shardstore.codecs.quantize import to_float32
+from shardstore.codecs.quantize import QuantizeCodec, to_float32
 from shardstore.errors import CodecError, InvalidInputError
 from shardstore.format.digest import digest
 
@@ -98,16 +99,55 @@ def encode_stream(pipeline: Pipeline, raw: Buffer, info: PieceInfo, tensor: str)
     return EncodedStream(encoded, digest(decoded), ErrorStats.measure(raw, decoded, info.dtype))
 
 
-def measure_piece(pipeline: Pipeline, raw: Buffer, info: PieceInfo) -> tuple[int, ErrorStats]:
-    """(stored bytes, error) of one piece under ``pipeline``, without a checksum: what the auto mode compares.
+@dataclass(frozen=True)
+class PieceOriginal:
+    """What every candidate measured on one piece shares, computed once per piece: its values and energy."""
 
-    Only the first stage can lose anything, so its own decode gives the values
-    a reader would get, and the later (lossless) stages are only run forward.
+    values: npt.NDArray[np.float32]  # the piece as float32, flat
+    original: npt.NDArray[np.float64]  # the same, as float64: what errors are measured against
+    energy: float
+    finite: bool
+
+    @classmethod
+    def of(cls, raw: Buffer, info: PieceInfo) -> PieceOriginal:
+        values = to_float32(raw, info.dtype)
+        original = values.astype(np.float64)
+        return cls(values, original, float(np.dot(original, original)), bool(np.isfinite(values).all()))
+
+    def error(self, decoded: Buffer, dtype: str) -> ErrorStats:
+        """:meth:`ErrorStats.measure` against this original: the same operations, the shared part done once."""
+        diff = to_float32(decoded, dtype).astype(np.float64) - self.original
+        return ErrorStats(
+            elements=int(self.original.size),
+            squared_error=float(np.dot(diff, diff)),
+            energy=self.energy,
+            max_abs_error=float(np.abs(diff).max()) if diff.size else 0.0,
+        )
+
+
+def measure_piece(pipeline: Pipeline, raw: Buffer, info: PieceInfo,
+                  original: PieceOriginal | None = None) -> EncodedStream:
+    """One piece encoded under ``pipeline``, with what the auto mode compares (its size and error).
+
+    The stream is exactly what :func:`encode_stream` gives, so push can store the
+    winner without encoding it again. Only the first stage can lose anything, so
+    its own decode gives the values a reader would get, and the later (lossless)
+    stages are only run forward. ``original`` (from :meth:`PieceOriginal.of`)
+    saves converting the piece again for every candidate.
     """
     stages = pipeline.codecs
-    first = stages[0].encode(raw, info)
-    stored = Pipeline(stages[1:]).encode(first, stages[0].output_info(info)) if len(stages) > 1 else first
     if pipeline.lossless:
-        return len(stored), ErrorStats()
-    decoded = stages[0].decode(first, info)
-    return len(stored), ErrorStats.measure(raw, decoded, info.dtype)
+        return EncodedStream(pipeline.encode(raw, info), digest(raw), None)
+    first_stage = stages[0]
+    if isinstance(first_stage, QuantizeCodec) and original is not None:
+        rows, columns = first_stage.check_piece(raw, info)
+        if not original.finite:
+            raise CodecError(f"{first_stage.codec_id}: the piece holds NaN or infinity; store this tensor losslessly")
+        first: bytes = first_stage.quantize(original.values.reshape(rows, columns)).to_bytes()
+    else:
+        first = bytes(first_stage.encode(raw, info))
+    stored = Pipeline(stages[1:]).encode(first, first_stage.output_info(info)) if len(stages) > 1 else first
+    decoded = first_stage.decode(first, info)
+    error = original.error(decoded, info.dtype) if original is not None else ErrorStats.measure(raw, decoded,
+                                                                                                 info.dtype)
+    return EncodedStream(stored, digest(memoryview(decoded).cast("B")), error)

@@ -141,6 +141,7 @@ def _calls(stub: pb_grpc.RegistryStub, shard_id: str, manifest_id: str) -> dict[
         "FindMissing": lambda md: stub.FindMissing(pb.FindMissingRequest(shard_ids=[shard_id]), metadata=md),
         "UploadObjects": lambda md: stub.UploadObjects(iter(upload), metadata=md),
         "PutManifest": lambda md: stub.PutManifest(pb.PutManifestRequest(manifest=b"{}"), metadata=md),
+        "PutIndex": lambda md: stub.PutIndex(pb.PutIndexRequest(entries=[b"{}"]), metadata=md),
         "SetRef": lambda md: stub.SetRef(pb.SetRefRequest(name="small", tag="v2", manifest_id=manifest_id),
                                          metadata=md),
         "DeleteRef": lambda md: stub.DeleteRef(pb.DeleteRefRequest(name="small", tag="absent"), metadata=md),
