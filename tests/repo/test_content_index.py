@@ -28,6 +28,12 @@ CHUNK = 64 << 10
 ROWS = 512  # a [512, 128] F32 weight is 256 KiB: its own four 64 KiB pieces, one shard each
 
 
+@pytest.fixture(autouse=True)
+def _fixed_creation_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Manifests carry their creation time: pin it, so two pushes of the same thing compare equal."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+
+
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     tensors: dict[str, torch.Tensor] = {}
