@@ -20,8 +20,8 @@ from shardstore.format.digest import digest
 from shardstore.repo.content_index import IndexedPiece, IndexEntry, index_key
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository, shard_key
+from shardstore.rpc.background import BackgroundServer
 from shardstore.rpc.metrics import ServerMetrics
-from shardstore.rpc.server import BackgroundServer
 from shardstore.store import LocalStore
 
 CHUNK = 64 << 10
