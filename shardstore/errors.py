@@ -20,6 +20,10 @@ class NotFoundError(ShardstoreError, KeyError):
         return str(self.args[0]) if self.args else "not found"
 
 
+class StoreMissingError(NotFoundError):
+    """The store itself (folder, bucket) does not exist: reading it is a mistake, not an empty registry."""
+
+
 class InvalidInputError(ShardstoreError, ValueError):
     """A user-supplied file, argument or name is malformed."""
 

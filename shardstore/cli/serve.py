@@ -21,6 +21,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from shardstore.store import open_store
 
     store = open_store(args.store)
+    from shardstore.errors import StoreMissingError
+    from shardstore.store import LocalStore
+
+    # A missing folder is a new store that pushes will fill; a missing bucket is a mistake we cannot fix.
+    if not isinstance(store, LocalStore) and not store.root_exists():
+        raise StoreMissingError(f"store {store.url} does not exist (create the bucket first)")
     access = access_options(args)  # before anything starts: a bad token or TLS setting stops here
     log_handler = logging.StreamHandler(sys.stderr)
     log_handler.setFormatter(JsonFormatter() if args.log_format == "json"

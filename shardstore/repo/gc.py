@@ -161,9 +161,8 @@ def collect(repo: Repository, *, grace: float = DEFAULT_GRACE_S, dry_run: bool =
     started = time.perf_counter()
     store = repo.store
     # gc deletes: a store whose format (or write features) this program does not know is left alone.
-    if dry_run:
-        repo.check_readable()
-    else:
+    repo.check_readable()  # a store that does not exist is an error, not "nothing to collect"
+    if not dry_run:
         repo.check_writable()
     report = GcReport(store=store.url, dry_run=dry_run, grace_s=grace)
     if dry_run:

@@ -30,6 +30,7 @@ from shardstore.errors import (
     InvalidInputError,
     NotFoundError,
     ShardstoreError,
+    StoreMissingError,
 )
 from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
@@ -113,21 +114,28 @@ class Repository:
 
     # -- the store's format -----------------------------------------------------
 
-    def _read_config(self) -> StoreConfig:
+    def _read_config(self, must_exist: bool) -> StoreConfig:
         try:
             data = self.store.get(CONFIG_KEY)
         except NotFoundError:
+            # No config: a store made before config existed, a new one, or none at all. Reading a
+            # store that does not exist (a typo, a missing bucket) must not look like an empty one.
+            if must_exist and not self.store.root_exists():
+                raise StoreMissingError(f"store {self.store.url} does not exist (check the path or bucket; "
+                                        "a first push creates a local store)") from None
             return legacy_store_config()  # made before config existed: version 1, no features
         return parse_store_config(data, self.store.url)
 
-    def check_readable(self) -> StoreConfig:
+    def check_readable(self, *, must_exist: bool = True) -> StoreConfig:
         """The store's config, once checked that this program can read the store (one request, then cached).
 
-        Raises :class:`~shardstore.errors.UnsupportedFormatError` for a newer version or an unknown read feature.
+        Raises :class:`~shardstore.errors.UnsupportedFormatError` for a newer version or an unknown read feature,
+        and :class:`StoreMissingError` when the store itself does not exist (unless ``must_exist`` is false:
+        a first push, or a server that will receive one).
         """
         config = self._config
         if config is None:
-            config = self._read_config()
+            config = self._read_config(must_exist)
             config.check_readable(self.store.url)
             self._config = config
         return config
@@ -137,7 +145,7 @@ class Repository:
         if self._writable and self._config is not None:
             return self._config
         with self._lock:
-            config = self.check_readable()
+            config = self.check_readable(must_exist=False)
             config.check_writable(self.store.url)
             if config.legacy:
                 fresh = new_store_config()
@@ -145,7 +153,7 @@ class Repository:
                 # program's config got there first, that one is what counts: check it again.
                 if not self.store.put_if_absent(CONFIG_KEY, fresh.to_bytes()):
                     self._config = None
-                    config = self.check_readable()
+                    config = self.check_readable(must_exist=False)
                     config.check_writable(self.store.url)
                 else:
                     config = self._config = fresh
@@ -360,6 +368,7 @@ class Repository:
         Read then delete, not atomic: a push that moves the ref in between loses its update, like
         two pushes racing on a store without conditional writes (docs/design.md).
         """
+        self.check_readable()  # removing from a store that does not exist is a mistake, not a write to make
         self.check_writable()
         manifest_id = self.resolve(ref)
         self.store.delete(ref.key)

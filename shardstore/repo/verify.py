@@ -72,8 +72,9 @@ class _Outcome:
 def verify(repo: Repository, *, read_data: bool = False, repair: bool = False,
            cache: ShardCache | None = None) -> VerifyReport:
     started = time.perf_counter()
-    # A repair writes, so it needs to know the store's write features too.
-    config = repo.check_writable() if repair else repo.check_readable()
+    config = repo.check_readable()  # a store that does not exist is an error, not "healthy"
+    if repair:  # a repair writes, so it needs to know the store's write features too
+        config = repo.check_writable()
     report = VerifyReport(store_version=config.version, has_config=not config.legacy)
     manifests, referenced_manifests = _load_manifests(repo, report)
     report.manifests = len(manifests)

@@ -154,7 +154,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                  signed_url_ttl: int | None = DEFAULT_SIGNED_URL_TTL_S) -> None:
         self.repo = Repository(store)
         # A store of a newer format is refused when the server starts, not on a client's first call.
-        self.repo.check_readable()
+        # A store that does not exist yet is served empty (pushes create it); `serve` refuses a missing bucket.
+        self.repo.check_readable(must_exist=False)
         self.max_object_bytes = max_object_bytes  # the largest object an upload may declare
         # None or 0: never hand out signed URLs, even when the store could sign (clients then stream).
         self.signed_url_ttl = signed_url_ttl or None

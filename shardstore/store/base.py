@@ -123,6 +123,13 @@ class Store(ABC):
             except NotFoundError:
                 continue
 
+    def root_exists(self) -> bool:
+        """Whether the store itself (folder, bucket) exists: reading a store that does not is a mistake to report.
+
+        The default says yes (stores without a root: memory).
+        """
+        return True
+
     def stored_size(self, key: str) -> int | None:
         """The object's size, None when it does not exist."""
         try:

@@ -93,6 +93,12 @@ class FsspecStore(Store):
         except OSError as exc:
             raise StoreError(f"{key}: cannot write to {self.url}: {exc}") from None
 
+    def root_exists(self) -> bool:
+        try:
+            return bool(self.fs.exists(self.root))
+        except OSError:
+            return False
+
     def exists(self, key: str) -> bool:
         try:
             return bool(self._info(key).get("type", "file") == "file")

@@ -80,6 +80,9 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def root_exists(self) -> bool:
+        return self.root.is_dir()
+
     def writer(self, key: str) -> ObjectWriter:
         return _LocalWriter(self, key, self._path(key))
 

@@ -184,6 +184,9 @@ class S3Store(FsspecStore):
             raise self._fail(key, "look up", exc) from None
         return True
 
+    def root_exists(self) -> bool:
+        return self._bucket_exists()
+
     def stored_size(self, key: str) -> int | None:
         try:
             return int(self._info(key)["size"])
