@@ -5,6 +5,7 @@ Real processes: the CLI as a child, a real listener holding a port, moto's real 
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -103,7 +104,7 @@ def test_s3_without_an_endpoint_names_the_setting(closed_port: int) -> None:
     assert seconds < FAST_S
 
 
-def test_s3_that_answers_still_works_after_the_first_contact(s3_endpoint: str, s3_bucket: str,
+def test_s3_that_answers_works_after_the_first_contact_tag_and_rm_included(s3_endpoint: str, s3_bucket: str,
                                                              tmp_path: Path) -> None:
     env = aws_env(AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
     model = write_small_model(tmp_path / "model")
@@ -112,3 +113,11 @@ def test_s3_that_answers_still_works_after_the_first_contact(s3_endpoint: str, s
     pulled, _seconds = run("pull", "m:v1", tmp_path / "out", "--store", f"s3://{s3_bucket}/m", "--quiet", env=env)
     assert pulled.returncode == 0, pulled.stderr
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    # tag and rm on S3 too: refs move and go through the same Repository API as on a folder.
+    store = ["--store", f"s3://{s3_bucket}/m"]
+    assert run("tag", "m:v1", "m:v2", *store, env=env)[0].returncode == 0
+    assert run("rm", "m:v1", *store, env=env)[0].returncode == 0
+    listed, _seconds = run("ls", *store, "--json", env=env)
+    assert [m["ref"] for m in json.loads(listed.stdout)["models"]] == ["m:v2"]
+    gone = one_line(run("pull", "m:v1", tmp_path / "gone", *store, env=env)[0], "pull")
+    assert gone.endswith("tags of 'm': v2"), gone
