@@ -22,7 +22,8 @@ from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository, shard_key
 from shardstore.rpc.background import BackgroundServer
 from shardstore.rpc.metrics import ServerMetrics
-from shardstore.store import LocalStore
+from shardstore.store import LocalStore, open_store
+from shardstore.store.base import Store
 
 CHUNK = 64 << 10
 ROWS = 512  # a [512, 128] F32 weight is 256 KiB: its own four 64 KiB pieces, one shard each
@@ -98,7 +99,7 @@ def test_repush_after_one_tensor_changed_encodes_only_its_pieces(tmp_path: Path)
     assert third["manifest_id"] == fresh["manifest_id"]
 
 
-def _shard_of(store: LocalStore, ref: str, tensor: str) -> str:
+def _shard_of(store: Store, ref: str, tensor: str) -> str:
     repo = Repository(store)
     manifest = repo.get_manifest(repo.resolve(parse_ref(ref)))
     return manifest.tensors[tensor].pieces[0].shard
@@ -212,3 +213,25 @@ def test_lossy_repush_reuses_with_the_same_quality(tmp_path: Path) -> None:
     quality = {n: t["quality"] for n, t in first["per_tensor"].items() if "quality" in t}
     assert len(quality) == 3
     assert {n: t["quality"] for n, t in again["per_tensor"].items() if "quality" in t} == quality
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_index_on_s3_heals_a_deleted_or_truncated_shard(tmp_path: Path, damage: str, s3_bucket: str) -> None:
+    tensors = _tensors(6)
+    model = _write(tmp_path / "model", tensors)
+    url = f"s3://{s3_bucket}/registry"
+    first = shardstore.push(model, "m:v1", store=url, chunk_bytes=CHUNK)
+    store = open_store(url)
+    victim = _shard_of(store, "m:v1", "layers.2.weight")  # one 64 KiB piece of a big weight
+    whole = store.get(shard_key(victim))
+    if damage == "delete":
+        store.delete(shard_key(victim))
+    else:
+        store.put(shard_key(victim), whole[: len(whole) // 2])
+    again = shardstore.push(model, "m:v1", store=url, chunk_bytes=CHUNK)
+    assert (again.pieces_encoded, again.shards_uploaded) == (1, 1)
+    assert again.pieces_reused == first.pieces_encoded - 1
+    assert store.get(shard_key(victim)) == whole
+    out = tmp_path / "pulled"
+    shardstore.pull("m:v1", out, store=url)
+    assert (out / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
