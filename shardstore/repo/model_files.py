@@ -73,6 +73,8 @@ def scan_model(src: str | os.PathLike[str], include: Sequence[str] = (), exclude
     root = Path(src)
     if not root.exists():
         raise InvalidInputError(f"{src}: no such file or folder")
+    if not root.is_file() and not root.is_dir():
+        raise InvalidInputError(f"{src}: not a regular file or a folder (a FIFO, socket or device)")
     if root.is_file():
         if not root.name.endswith(".safetensors"):
             raise InvalidInputError(f"{src}: not a .safetensors file (or a model folder)")
@@ -86,6 +88,11 @@ def scan_model(src: str | os.PathLike[str], include: Sequence[str] = (), exclude
         rel = path.relative_to(root).as_posix()
         if (include and not _matches(rel, include)) or _matches(rel, exclude):
             skipped.append((rel, SKIPPED_BY_GLOB))
+        elif not path.is_file():
+            # A FIFO would block the read forever, a device never end; symlinks to regular files are
+            # followed (is_file follows them): Hugging Face cache folders are made of them.
+            raise InvalidInputError(f"{path}: not a regular file (a FIFO, socket, device or broken link); "
+                                    "push reads regular files and symlinks to them")
         elif path.name.endswith(PICKLE_SUFFIXES) or path.name.endswith(PICKLE_INDEX_SUFFIX):
             pickles.append((rel, path))
         elif path.name.endswith(".safetensors"):
