@@ -76,7 +76,11 @@ DEFAULT_KEEPALIVE_S = 30.0
 KEEPALIVE_TIMEOUT_S = 10.0
 # Sending a token in plaintext to another host hands it to anyone on the path; refused unless this is "1".
 ALLOW_PLAINTEXT_TOKEN_ENV = "SHARDSTORE_ALLOW_PLAINTEXT_TOKEN"
-DEFAULT_RETRIES = 5
+# Retries stop at whichever comes first: this many, or the resume timeout after the first failure
+# in a row. The time is what matters: a server restarting (a rollout, a crash) takes seconds, not tries.
+DEFAULT_RETRIES = 50
+DEFAULT_RESUME_TIMEOUT_S = 30.0
+RESUME_TIMEOUT_ENV = "SHARDSTORE_RESUME_TIMEOUT"
 DEFAULT_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
 # Shards verified and waiting for the decoder; with the decoder's own window
@@ -160,6 +164,7 @@ class GrpcClient:
         stream_timeout: float | None = None,
         retries: int = DEFAULT_RETRIES,
         backoff: float = DEFAULT_BACKOFF_S,
+        resume_timeout: float | None = None,
         prefetch_shards: int = DEFAULT_PREFETCH_SHARDS,
         token: str | None = None,
         tls: ClientTls | None = None,
@@ -174,6 +179,14 @@ class GrpcClient:
         self.stream_timeout = stream_timeout
         self.retries = retries
         self.backoff = backoff
+        # How long after a failure the client keeps retrying (with backoff) for a server to come back.
+        if resume_timeout is None:
+            configured = os.environ.get(RESUME_TIMEOUT_ENV)
+            try:
+                resume_timeout = float(configured) if configured else DEFAULT_RESUME_TIMEOUT_S
+            except ValueError:
+                raise InvalidInputError(f"${RESUME_TIMEOUT_ENV}: expected seconds, not {configured!r}") from None
+        self.resume_timeout = resume_timeout
         self.prefetch_shards = max(1, prefetch_shards)
         self.idle_timeout = idle_timeout
         self.tls = tls
@@ -227,20 +240,30 @@ class GrpcClient:
         with self._lock:
             self._received += nbytes
 
-    def _sleep_before_retry(self, attempt: int) -> None:
+    def _may_retry(self, attempt: int, failing_since: float) -> bool:
+        """Whether another try is allowed: within the retry count and the resume timeout of the first failure."""
+        return attempt < self.retries and time.monotonic() - failing_since < self.resume_timeout
+
+    def _sleep_before_retry(self, attempt: int, failing_since: float | None = None) -> None:
         with self._lock:
             self.retried += 1
         delay = min(MAX_BACKOFF_S, self.backoff * (2**attempt))
-        time.sleep(delay * random.uniform(0.5, 1.0))  # jitter: clients that failed together don't retry together
+        delay *= random.uniform(0.5, 1.0)  # jitter: clients that failed together don't retry together
+        if failing_since is not None:  # the last try comes at the deadline, not after it
+            delay = min(delay, max(0.0, failing_since + self.resume_timeout - time.monotonic()))
+        time.sleep(delay)
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         attempt = 0
+        failing_since = 0.0
         while True:
             try:
                 return call()
             except grpc.RpcError as exc:
-                if exc.code() in RETRYABLE_CODES and attempt < self.retries:
-                    self._sleep_before_retry(attempt)
+                if attempt == 0:
+                    failing_since = time.monotonic()
+                if exc.code() in RETRYABLE_CODES and self._may_retry(attempt, failing_since):
+                    self._sleep_before_retry(attempt, failing_since)
                     attempt += 1
                     continue
                 raise error_from_rpc(exc, f"{what} at {self.address}", self._hint(exc)) from None
@@ -507,6 +530,7 @@ class GrpcClient:
                  ) -> Iterator[tuple[str, bytes]]:
         remaining = list(shard_ids)
         attempt = 0
+        failing_since = 0.0
         while remaining and not stop.is_set():
             stream = self._stub.StreamShards(pb.StreamShardsRequest(shard_ids=remaining), timeout=self.stream_timeout,
                                              metadata=self._metadata)
@@ -546,8 +570,10 @@ class GrpcClient:
                 if stop.is_set():
                     return
                 # A stalled stream is resumed like a broken one: the next try may reach a live server.
-                if (watchdog.fired or exc.code() in RETRYABLE_CODES) and attempt < self.retries:
-                    self._sleep_before_retry(attempt)
+                if attempt == 0:
+                    failing_since = time.monotonic()
+                if (watchdog.fired or exc.code() in RETRYABLE_CODES) and self._may_retry(attempt, failing_since):
+                    self._sleep_before_retry(attempt, failing_since)
                     attempt += 1
                     continue  # resume from the first shard not yet verified
                 if watchdog.fired:
