@@ -1,4 +1,4 @@
-"""Sizes as people write them (``4MiB``, ``1GiB``, ``512k``, ``1048576``): one parser for flags and env vars.
+"""Sizes as people write them (``4MiB``, ``1GiB``, ``512k``, ``1048576``) and read them: one parser, one printer.
 
 Binary units (``KiB``, ``MiB``, ``GiB``, ``TiB``, also Kubernetes' ``Ki``..``Ti``) are powers of
 1024; decimal ones (``kB``, ``MB``, ``GB``, ``TB``, ``k``, ``M``, ``G``, ``T``) powers of 1000;
@@ -30,3 +30,12 @@ def parse_size(text: str, what: str = "size") -> int:
     if value <= 0:
         raise InvalidInputError(f"{what}: must be positive: {text!r}")
     return value
+
+
+def human_bytes(size: float) -> str:
+    """``size`` bytes in binary units for people (``1.5 MiB``): the CLI's tables and the web view's pages."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from shardstore.errors import InvalidInputError
+from shardstore.sizes import human_bytes as human_bytes  # re-exported: the commands print sizes through common
 from shardstore.store import STORE_ENV
 
 # grpc's C core logs TLS handshake failures and the like on stderr at INFO; the CLI already says
@@ -47,13 +48,6 @@ class CommandParser(argparse.ArgumentParser):
         finally:
             self._intermixing = False
 
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def parse_size(text: str) -> int:

@@ -37,6 +37,7 @@ from shardstore.http.pages import MissingModel, Pages
 from shardstore.repo.refs import Ref, parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.rpc.auth import AuthenticationError, Grant
+from shardstore.sizes import human_bytes
 
 log = logging.getLogger("shardstore.http.webview")
 
@@ -69,13 +70,6 @@ TEMPLATES = web.AppKey("shardstore.webview.templates", jinja2.Environment)
 WORKERS = web.AppKey("shardstore.webview.workers", ThreadPoolExecutor)
 PAGE_THREADS = 2
 
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size) < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def _figure(value: float | None, digits: int = 3) -> str:
