@@ -15,7 +15,7 @@ import contextlib
 import fnmatch
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -48,6 +48,17 @@ class PullReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """OS errors of a write carry the file they hit: ``os.pwrite`` on a full disk says only ENOSPC."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
 def safe_path(dest: Path, rel: str) -> Path:
@@ -152,18 +163,20 @@ def write_model(
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             handle = _OpenFile(path, partial, fd, offsets)
             open_files.append(handle)
-            os.pwrite(fd, head, 0)
             size = len(head) + sum(manifest.tensors[n].raw_bytes for n in offsets)
-            os.ftruncate(fd, size)
+            with _naming(path):
+                os.pwrite(fd, head, 0)
+                os.ftruncate(fd, size)
             for name in offsets:
                 where[name] = handle
         fetched = _write_tensors(source, manifest, selected_names, where, threads, progress, ref) if selected_names \
             else 0
         for handle in open_files:
-            os.fsync(handle.fd)
-            os.close(handle.fd)
-            handle.fd = -1
-            os.replace(handle.partial, handle.path)
+            with _naming(handle.path):
+                os.fsync(handle.fd)
+                os.close(handle.fd)
+                handle.fd = -1
+                os.replace(handle.partial, handle.path)
     finally:
         for handle in open_files:
             if handle.fd >= 0:
@@ -206,7 +219,8 @@ def _write_tensors(
         written = 0
         for name, piece, start, _stop in wanted[shard_id]:
             decoded = decode_piece(shard, piece, manifest.tensors[name], lookup=lookup)
-            os.pwrite(where[name].fd, decoded, where[name].offsets[name] + start)
+            with _naming(where[name].path):
+                os.pwrite(where[name].fd, decoded, where[name].offsets[name] + start)
             written += len(decoded)
         return written
 
@@ -256,8 +270,13 @@ def _write_blobs(source: ModelSource, manifest: Manifest, root: Path, subset: se
         path = safe_path(root, rel)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        try:
+            with _naming(path):
+                partial.write_bytes(data)
+                os.replace(partial, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
     return written
 
 
