@@ -191,7 +191,7 @@ def run_cooperative(source: ModelSource, manifest: Manifest, placements: Sequenc
     stats.pieces = sum(1 for group_items in items.values() for i in group_items if i.rank == rank)
     for sink in sinks.values():
         sink.finish(stats)
-    tensors = {p.name: sinks[p.device].tensor(p) for p in placements}
+    tensors = {p.name: t for p in placements if (t := sinks[p.device].tensor(p)) is not None}
     stats.seconds = time.perf_counter() - started
     return tensors, stats, coop
 

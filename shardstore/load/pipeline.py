@@ -22,9 +22,11 @@ so a column slice never holds more than one piece of the full tensor.
 
 from __future__ import annotations
 
+import os
 import queue
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,7 +41,7 @@ from shardstore.load.tensor_parallel import Cut
 from shardstore.load.tensors import as_tensor, torch_dtype
 from shardstore.repo.pieces import ShardLookup, decode_piece
 from shardstore.repo.pool import ordered_map
-from shardstore.repo.registry import ModelSource, ShardData
+from shardstore.repo.registry import ShardData, ShardSource
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,42 @@ class _Sink(Protocol):
 
     def finish(self, stats: PipelineStats) -> None: ...
 
-    def tensor(self, placement: Placement) -> torch.Tensor: ...
+    def tensor(self, placement: Placement) -> torch.Tensor | None: ...
+
+
+class FileSink:
+    """Pieces written into files at their final offsets (pull): no tensor is ever held whole.
+
+    Each piece is decoded into a scratch buffer of the worker thread's own, reused
+    from piece to piece, then written with ``pwrite``; memory holds one piece per
+    thread whatever the model's size.
+    """
+
+    def __init__(self, offsets: Mapping[str, tuple[int, int]]) -> None:
+        self._offsets = offsets  # tensor name -> (file descriptor, offset of its data)
+        self._scratch = threading.local()
+
+    def allocate(self, placement: Placement) -> None:
+        pass
+
+    @contextmanager
+    def target(self, placement: Placement, start: int, stop: int) -> Iterator[memoryview]:
+        size = stop - start
+        scratch: bytearray | None = getattr(self._scratch, "buffer", None)
+        if scratch is None or len(scratch) < size:
+            scratch = self._scratch.buffer = bytearray(size)
+        view = memoryview(scratch)[:size]
+        yield view
+        fd, offset = self._offsets[placement.name]
+        written = 0
+        while written < size:
+            written += os.pwrite(fd, view[written:], offset + start + written)
+
+    def finish(self, stats: PipelineStats) -> None:
+        pass
+
+    def tensor(self, placement: Placement) -> torch.Tensor | None:
+        return None
 
 
 class _HostSink:
@@ -223,12 +260,17 @@ def _sink_for(device: str, placements: Sequence[Placement], threads: int) -> _Si
     return _CudaSink(device, slots=2 * threads, slot_bytes=_staging_bytes(placements, device))
 
 
-def run_pipeline(source: ModelSource, placements: Sequence[Placement], *, lookup: ShardLookup, threads: int,
-                 progress: Callable[[int], None] | None = None) -> tuple[dict[str, torch.Tensor], PipelineStats]:
-    """Load ``placements`` (in the order the devices should receive them); tensors come back by name."""
+def run_pipeline(source: ShardSource, placements: Sequence[Placement], *, lookup: ShardLookup, threads: int,
+                 progress: Callable[[int], None] | None = None,
+                 sinks: Mapping[str, _Sink] | None = None) -> tuple[dict[str, torch.Tensor], PipelineStats]:
+    """Load ``placements`` (in the order the devices should receive them); tensors come back by name.
+
+    ``sinks``: device name -> where its pieces go, for devices other than cpu, meta and
+    cuda:N (pull passes a :class:`FileSink`); their tensors are not returned.
+    """
     started = time.perf_counter()
     stats = PipelineStats()
-    sinks: dict[str, _Sink] = {}
+    sinks = dict(sinks or {})
     for placement in placements:
         if placement.device not in sinks:
             sinks[placement.device] = _sink_for(placement.device, placements, threads)
@@ -253,6 +295,6 @@ def run_pipeline(source: ModelSource, placements: Sequence[Placement], *, lookup
     stats.pieces = sum(len(items) for items in work.values())
     for sink in sinks.values():
         sink.finish(stats)
-    tensors = {p.name: sinks[p.device].tensor(p) for p in placements}
+    tensors = {p.name: t for p in placements if (t := sinks[p.device].tensor(p)) is not None}
     stats.seconds = time.perf_counter() - started
     return tensors, stats

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from shardstore.codecs.quantize import QuantizedPiece
@@ -23,11 +22,12 @@ from shardstore.format.shard import Shard, parse_shard
 from shardstore.load.device_map import DeviceLike, DeviceMap
 from shardstore.load.loader import LoadOptions, LoadResult, load_model
 from shardstore.load.module import load_module
+from shardstore.load.pipeline import Placement, run_pipeline
 from shardstore.load.quantized import quantized_tensor
-from shardstore.load.tensor_parallel import TPPlan
-from shardstore.load.tensors import as_tensor, torch_dtype
-from shardstore.repo.pieces import decode_piece
-from shardstore.repo.registry import Registry
+from shardstore.load.tensor_parallel import Cut, TPPlan
+from shardstore.load.tensors import torch_dtype
+from shardstore.repo.pool import default_threads
+from shardstore.repo.registry import Registry, ShardData
 
 __all__ = ["DEFAULT_SHARD_CACHE_BYTES", "ModelView", "TensorSlice", "torch_dtype"]
 
@@ -44,8 +44,8 @@ class ModelView:
         self.ref = ref
         self.manifest_id = manifest_id
         self.manifest = manifest
-        # shard id -> (parsed shard, its stored size): eviction subtracts what insertion added.
-        self._cache: OrderedDict[str, tuple[Shard, int]] = OrderedDict()
+        # shard id -> its bytes as the source handed them (already checked against the id).
+        self._cache: OrderedDict[str, ShardData] = OrderedDict()
         self._cache_bytes = 0
         self._cache_limit = shard_cache_bytes
         self._lock = threading.Lock()
@@ -132,49 +132,45 @@ class ModelView:
 
     # -- internals ---------------------------------------------------------------
 
-    def _shards(self, shard_ids: list[str]) -> dict[str, Shard]:
-        found: dict[str, Shard] = {}
+    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, ShardData]]:
+        """The registry's shards through the view's small cache: tensors packed into one shard cost one fetch."""
+        wanted = list(dict.fromkeys(shard_ids))
+        hits: dict[str, ShardData] = {}
         with self._lock:
-            for shard_id in shard_ids:
+            for shard_id in wanted:
                 if shard_id in self._cache:
                     self._cache.move_to_end(shard_id)
-                    found[shard_id] = self._cache[shard_id][0]
-        missing = [s for s in shard_ids if s not in found]
-        for shard_id, data in self.source.fetch_shards(missing):
-            shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
-            found[shard_id] = shard
-            self._remember(shard_id, shard, len(data))
-        return found
+                    hits[shard_id] = self._cache[shard_id]
+        yield from hits.items()
+        for shard_id, data in self.source.fetch_shards([s for s in wanted if s not in hits]):
+            self._remember(shard_id, data)
+            yield shard_id, data
+
+    def _shards(self, shard_ids: list[str]) -> dict[str, Shard]:
+        # The source checked each shard against its id; parsing the header again is cheap.
+        return {i: parse_shard(data, i, verify_id=False) for i, data in self.fetch_shards(shard_ids)}
 
     def _shard(self, shard_id: str) -> Shard:
         return self._shards([shard_id])[shard_id]
 
-    def _remember(self, shard_id: str, shard: Shard, size: int) -> None:
+    def _remember(self, shard_id: str, data: ShardData) -> None:
+        size = len(data)
         with self._lock:
             if size > self._cache_limit or shard_id in self._cache:
                 return
-            self._cache[shard_id] = (shard, size)
+            self._cache[shard_id] = data
             self._cache_bytes += size
             while self._cache_bytes > self._cache_limit:
-                _old_id, (_old, old_size) = self._cache.popitem(last=False)
-                self._cache_bytes -= old_size
+                _old_id, old = self._cache.popitem(last=False)
+                self._cache_bytes -= len(old)
 
     def _read_rows(self, name: str, record: TensorRecord, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) as a flat tensor, fetching and decoding only the pieces that hold them."""
-        pieces = record.pieces_for_rows(start, stop)
-        count = max(0, stop - start)
-        out = np.empty(count * record.row_bytes, dtype=np.uint8)
-        shards = self._shards(list(dict.fromkeys(p.shard for p in pieces)))
-        for piece in pieces:
-            lo, hi = max(start, piece.rows[0]), min(stop, piece.rows[1])
-            target = memoryview(out.data)[(lo - start) * record.row_bytes : (hi - start) * record.row_bytes]
-            if (lo, hi) == piece.rows:
-                decode_piece(shards[piece.shard], piece, record, target, lookup=self._shard)  # straight into place
-            else:
-                decoded = decode_piece(shards[piece.shard], piece, record, lookup=self._shard)
-                skip = (lo - piece.rows[0]) * record.row_bytes
-                target[:] = memoryview(decoded)[skip : skip + len(target)]
-        return as_tensor(out, record.dtype)
+        """Rows [start, stop) as a flat tensor, through the load pipeline: only the pieces holding them are read."""
+        whole = (start, stop) == (0, record.rows)
+        cut = None if whole or not record.shape else Cut(0, start, max(start, stop))
+        placement = Placement(name, record, "cpu", cut)
+        tensors, _stats = run_pipeline(self, [placement], lookup=self._shard, threads=default_threads())
+        return tensors[name].reshape(-1)
 
     def close(self) -> None:
         with self._lock:

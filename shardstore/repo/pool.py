@@ -1,41 +1,73 @@
-"""A bounded, ordered parallel map: the one way push, pull and load run work in threads.
+"""A bounded, ordered parallel map over one process-wide worker pool: how push, pull, load and verify use threads.
 
 At most ``window`` tasks are in flight, so memory stays bounded however large
 the model (DESIGN invariant 7), and results come back in input order, so the
 consumer can write them sequentially. Codecs and hashing release the GIL, so
 threads give real parallelism.
+
+The pool is created once and reused: a load does not pay for starting
+threads, and nested maps (a decode that fetches a delta's base shard through
+a source that itself reads in parallel) cannot deadlock, because the pool is
+larger than any nesting needs and each map limits *its own* concurrency to
+``threads`` with a semaphore rather than through the pool's size.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# Workers in the shared pool: enough for every map in flight at once (each holds at most
+# ``threads`` running tasks and ``window`` queued ones); idle workers cost nothing but a stack.
+POOL_WORKERS = 64
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+def shared_pool() -> ThreadPoolExecutor:
+    """The process-wide worker pool (threads start lazily and are kept)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=POOL_WORKERS, thread_name_prefix="shardstore")
+        return _pool
+
+
 def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None) -> Iterator[R]:
+    """``map(func, items)`` with at most ``threads`` calls running and ``window`` (default 2 x threads) in flight."""
     if threads <= 1:
         yield from map(func, items)
         return
     window = window or 2 * threads
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shardstore") as pool:
-        pending: deque[Future[R]] = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(func, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
+    running = threading.BoundedSemaphore(threads)
+
+    def limited(item: T) -> R:
+        with running:
+            return func(item)
+
+    pool = shared_pool()
+    pending: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(limited, item))
+            if len(pending) >= window:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        # On an early exit, cancel what has not started and wait for what has: a task still
+        # running after we return could write into a buffer or file its caller already let go.
+        started = [future for future in pending if not future.cancel()]
+        wait(started)

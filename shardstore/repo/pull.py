@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -213,15 +214,25 @@ def _write_tensors(
 
     lookup = RecentShards(source)  # a delta's pieces mostly read the same few base shards
 
+    scratch = threading.local()  # one decode buffer per worker thread, reused from piece to piece
+
     def decode_and_write(item: tuple[str, ShardData]) -> int:
         shard_id, data = item
         shard = parse_shard(data, shard_id, verify_id=False)  # the source verified the id
         written = 0
-        for name, piece, start, _stop in wanted[shard_id]:
-            decoded = decode_piece(shard, piece, manifest.tensors[name], lookup=lookup)
+        for name, piece, start, stop in wanted[shard_id]:
+            size = stop - start
+            buffer: bytearray | None = getattr(scratch, "buffer", None)
+            if buffer is None or len(buffer) < size:
+                buffer = scratch.buffer = bytearray(size)
+            view = memoryview(buffer)[:size]
+            decode_piece(shard, piece, manifest.tensors[name], view, lookup=lookup)  # straight into the buffer
+            offset = where[name].offsets[name] + start
+            done = 0
             with _naming(where[name].path):
-                os.pwrite(where[name].fd, decoded, where[name].offsets[name] + start)
-            written += len(decoded)
+                while done < size:
+                    done += os.pwrite(where[name].fd, view[done:], offset + done)
+            written += size
         return written
 
     total = sum(manifest.tensors[n].raw_bytes for n in names)

@@ -31,7 +31,22 @@ from shardstore.repo.refs import Ref
 ShardData = bytes | bytearray | memoryview
 
 
-class ModelSource(Protocol):
+class ShardSource(Protocol):
+    """Anything that hands over checked shards by id: a registry, or a cache in front of one."""
+
+    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, ShardData]]:
+        """Yield ``(id, bytes)`` once for each distinct id, each already checked against its id.
+
+        Order is the source's choice (input order where it can, cached shards
+        first otherwise). A source keeps only a bounded number of shards ahead
+        of its consumer, so memory stays bounded however many ids are asked
+        for, and fetches them concurrently where its medium allows. Closing
+        the iterator early cancels what is still in flight.
+        """
+        ...
+
+
+class ModelSource(ShardSource, Protocol):
     """The read half: what pull, the lazy view and the loader need."""
 
     def resolve(self, ref: Ref) -> str:
@@ -44,17 +59,6 @@ class ModelSource(Protocol):
 
     def get_blob(self, blob_id: str) -> bytes:
         """A non-tensor file, checked against its id."""
-        ...
-
-    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, ShardData]]:
-        """Yield ``(id, bytes)`` once for each distinct id, each already checked against its id.
-
-        Order is the source's choice (input order where it can, cached shards
-        first otherwise). A source keeps only a bounded number of shards ahead
-        of its consumer, so memory stays bounded however many ids are asked
-        for, and fetches them concurrently where its medium allows. Closing
-        the iterator early cancels what is still in flight.
-        """
         ...
 
     @property

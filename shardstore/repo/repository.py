@@ -44,7 +44,7 @@ from shardstore.format.store_config import (
 )
 from shardstore.repo.content_index import IndexEntry, index_key
 from shardstore.repo.leases import push_lease
-from shardstore.repo.pool import ordered_map
+from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.refs import Ref, parse_ref, ref_from_key
 from shardstore.repo.registry import ModelSource as ModelSource  # also importable from here, as it used to be
 from shardstore.store.base import Store
@@ -229,9 +229,11 @@ class Repository:
         return parse_shard_head(head, shard_id, size)
 
     def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
-        # Object stores answer each request after a round trip: keep several in flight,
+        # Reading and checking a shard is a core's work on a local disk and a round trip on an
+        # object store: keep as many in flight as there are cores, or as the store wants if more,
         # still yielding in order so the consumer's memory stays bounded.
-        yield from ordered_map(lambda s: (s, self.get_shard_bytes(s)), shard_ids, self.concurrency)
+        workers = max(self.concurrency, default_threads())
+        yield from ordered_map(lambda s: (s, self.get_shard_bytes(s)), dict.fromkeys(shard_ids), workers)
 
     def has_shard(self, shard_id: str) -> bool:
         return self.store.exists(shard_key(shard_id))

@@ -3,7 +3,11 @@
 Reads:
 
 * every shard received is checked against its id (BLAKE3) before it is cached
-  or handed on, and every manifest and blob too (DESIGN invariant 3);
+  or handed on, and every manifest and blob too (DESIGN invariant 3); the check
+  runs in the shared workers, not in the receive thread;
+* received chunks are copied into one buffer of the shard's announced size;
+* cache writes are write-behind (:class:`~shardstore.store.cache.CacheWriter`,
+  bounded), never on the receive or decode path;
 * shards found in the local :class:`~shardstore.store.cache.ShardCache` are not
   fetched at all; fetched ones are kept there;
 * a receiver thread drains the stream, verifies and caches, while the caller
@@ -50,7 +54,9 @@ from shardstore.format.digest import check_object_id, digest
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.format.safetensors_io import MAX_HEADER_BYTES
 from shardstore.repo.content_index import IndexEntry
+from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.refs import Ref, parse_ref
+from shardstore.repo.registry import ShardData
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
 from shardstore.rpc.http_fetch import HttpObjectFetcher, default_mirror
@@ -64,7 +70,7 @@ from shardstore.rpc.wire import (
     MAX_OBJECT_BYTES,
     MESSAGE_LIMIT,
 )
-from shardstore.store.cache import ShardCache
+from shardstore.store.cache import CacheWriter, ShardCache
 
 T = TypeVar("T")
 
@@ -175,6 +181,7 @@ class GrpcClient:
     ) -> None:
         self.address = address
         self.cache = (cache or ShardCache()) if use_cache else None
+        self._cache_writer = CacheWriter(self.cache) if self.cache is not None else None
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.retries = retries
@@ -390,7 +397,7 @@ class GrpcClient:
             raise IntegrityError(f"blob {blob_id}: received bytes do not match its id (corrupt or truncated)")
         return data
 
-    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, ShardData]]:
         """Yield ``(id, bytes)`` for each distinct id, verified: cached ones first, then the rest as they arrive."""
         pending: list[str] = []
         for shard_id in dict.fromkeys(shard_ids):
@@ -403,11 +410,15 @@ class GrpcClient:
                 self.cached_shards += 1
             yield shard_id, data
         if pending:
-            yield from self._fetch_missing(pending)
+            try:
+                yield from self._fetch_missing(pending)
+            finally:
+                if self._cache_writer is not None:
+                    self._cache_writer.flush()  # a finished fetch leaves a complete cache
 
     # -- shard and blob bytes over HTTP, then over gRPC --------------------------------
 
-    def _fetch_missing(self, shard_ids: list[str]) -> Iterator[tuple[str, bytes]]:
+    def _fetch_missing(self, shard_ids: list[str]) -> Iterator[tuple[str, ShardData]]:
         """The mirror, then signed URLs, then the gRPC stream: each takes what the one before could not give."""
         remaining = shard_ids
         if self._mirror_http is not None:
@@ -417,7 +428,19 @@ class GrpcClient:
         if remaining and self._signed_http is not None and self._can_sign:
             remaining = yield from self._over_http(remaining, self._signed_http, self._sign_shards)
         if remaining:
-            yield from self._pipelined(remaining)
+            # Checking each shard against its id (and handing it to the cache writer) runs in
+            # the shared workers, so the receive thread never waits on a hash or a disk.
+            yield from ordered_map(self._accept, self._pipelined(remaining), default_threads())
+
+    def _accept(self, item: tuple[str, bytearray]) -> tuple[str, bytearray]:
+        shard_id, data = item
+        if digest(data) != shard_id:
+            raise IntegrityError(f"shard {shard_id}: received bytes do not match its id; refused")
+        if self._cache_writer is not None:
+            self._cache_writer.submit(shard_id, data)
+        with self._lock:
+            self.fetched_shards += 1
+        return item
 
     def _over_http(self, shard_ids: list[str], fetcher: HttpObjectFetcher,
                    urls_for: Callable[[list[str]], list[str] | None]
@@ -437,8 +460,8 @@ class GrpcClient:
                     continue
                 got += 1
                 self._count(len(data))
-                if self.cache is not None:
-                    self.cache.put(shard_id, data)
+                if self._cache_writer is not None:
+                    self._cache_writer.submit(shard_id, data)
                 with self._lock:
                     self.fetched_shards += 1
                 yield shard_id, data
@@ -484,7 +507,7 @@ class GrpcClient:
             self._count(len(data))
         return data
 
-    def _pipelined(self, shard_ids: list[str]) -> Iterator[tuple[str, bytes]]:
+    def _pipelined(self, shard_ids: list[str]) -> Iterator[tuple[str, bytearray]]:
         """Run :meth:`_receive` in a thread, handing shards over through a bounded queue."""
         handoff: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch_shards)
         stop = threading.Event()
@@ -527,7 +550,8 @@ class GrpcClient:
             worker.join(timeout=10)
 
     def _receive(self, shard_ids: list[str], stop: threading.Event, calls: list[grpc.Call]
-                 ) -> Iterator[tuple[str, bytes]]:
+                 ) -> Iterator[tuple[str, bytearray]]:
+        """Receive the shards' bytes, not yet checked: the receive thread only receives."""
         remaining = list(shard_ids)
         attempt = 0
         failing_since = 0.0
@@ -535,34 +559,32 @@ class GrpcClient:
             stream = self._stub.StreamShards(pb.StreamShardsRequest(shard_ids=remaining), timeout=self.stream_timeout,
                                              metadata=self._metadata)
             calls[:] = [stream]
-            parts: list[bytes] = []
+            buffer = bytearray()
             filled = 0
             watchdog = _IdleWatchdog(self.idle_timeout).watch(stream)
             try:
                 for chunk in stream:
                     watchdog.tick()
                     self._count(chunk.ByteSize())
-                    expected = remaining[0] if remaining else None
-                    if chunk.id != expected or chunk.offset != filled:
+                    expected = remaining[0] if remaining else ""
+                    if not expected or chunk.id != expected or chunk.offset != filled:
                         raise IntegrityError(
                             f"shard {expected}: server sent {chunk.id} at offset {chunk.offset}, expected {filled}"
                         )
-                    assert expected is not None  # chunk.id matched it
+                    # Bounded before a byte is kept: the manifest's size, else the object limit.
                     self._bound("shard", expected, chunk.total_size, filled + len(chunk.data))
-                    parts.append(chunk.data)
-                    filled += len(chunk.data)
-                    if filled < chunk.total_size:
+                    if filled == 0:
+                        # One buffer of the declared size, filled in place: no list of parts to join.
+                        buffer = bytearray(chunk.total_size)
+                    end = filled + len(chunk.data)
+                    buffer[filled:end] = chunk.data
+                    filled = end
+                    if filled < len(buffer):
                         continue
-                    data = b"".join(parts)
-                    parts, filled = [], 0
-                    if len(data) != chunk.total_size or digest(data) != expected:
-                        raise IntegrityError(f"shard {expected}: received bytes do not match its id; refused")
-                    if self.cache is not None:
-                        self.cache.put(expected, data)
-                    with self._lock:
-                        self.fetched_shards += 1
+                    data, buffer, filled = buffer, bytearray(), 0
                     remaining.pop(0)
                     attempt = 0  # progress: a later failure gets the full retry budget again
+                    # Checked against its id by the consumer's workers (_accept), off this thread.
                     yield expected, data
                 if remaining and not stop.is_set():
                     raise StoreError(f"stream shards at {self.address}: server ended the stream early")

@@ -20,6 +20,7 @@ import contextlib
 import os
 import threading
 import uuid
+from collections import deque
 from pathlib import Path
 
 from shardstore.format.digest import digest, is_object_id
@@ -179,3 +180,52 @@ class ShardCache:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
             self._size = 0
+
+
+class CacheWriter:
+    """Write-behind for a :class:`ShardCache`: shards already checked are written by one thread of its own.
+
+    A receive thread or a decode worker hands a shard over and goes on; the
+    writer thread does the disk write. At most ``max_bytes`` wait at once: past
+    that, :meth:`submit` waits (memory stays bounded, and a disk slower than the
+    link slows the pull rather than growing a queue). :meth:`flush` waits until
+    every submitted shard is written, so a finished pull has a complete cache.
+    """
+
+    def __init__(self, cache: ShardCache, max_bytes: int = 64 << 20) -> None:
+        self.cache = cache
+        self.max_bytes = max_bytes
+        self._queue: deque[tuple[str, bytes | bytearray | memoryview]] = deque()
+        self._queued = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, shard_id: str, data: bytes | bytearray | memoryview) -> None:
+        with self._cond:
+            # One shard bigger than the bound still goes in, alone, rather than never.
+            while self._queued and self._queued + len(data) > self.max_bytes:
+                self._cond.wait()
+            self._queue.append((shard_id, data))
+            self._queued += len(data)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shardstore-cache-writer", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                shard_id, data = self._queue[0]
+            self.cache.put(shard_id, data)  # best effort: a full disk only skips the entry
+            with self._cond:
+                self._queue.popleft()
+                self._queued -= len(data)
+                self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Return once every shard submitted so far is in the cache (or skipped by it)."""
+        with self._cond:
+            while self._queue:
+                self._cond.wait()
