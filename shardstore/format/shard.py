@@ -5,10 +5,14 @@ range of a tensor). Inside the safetensors container each stream is a 1-D
 ``U8`` tensor named by its index (``"0"``, ``"1"``...), and ``__metadata__``
 carries one key, ``"shardstore"``, whose value is canonical JSON::
 
-    {"format": "shardstore.shard.v1", "checksum": "blake3",
+    {"format": "shardstore.shard.v2", "checksum": "blake3", "stream_checksum": "xxh3-128",
      "streams": {"0": {"dtype": "F32", "shape": [512, 384],
                        "codec": [{"id": "byteplanes-zstd.v1", "level": 3}],
-                       "checksum": "<blake3 of the decoded bytes>"}}}
+                       "checksum": "<xxh3-128 of the decoded bytes>"}}}
+
+``checksum`` names the hash of shard ids; ``stream_checksum`` the check of decoded
+bytes. Format v1 (still read, no longer written) had no ``stream_checksum`` key and
+checked decoded bytes with BLAKE3 (64 hex digits).
 
 Decoding a stream is not this module's business (``format`` is a leaf and
 imports no codec): :func:`shardstore.repo.pieces.decode_stream` does it.
@@ -27,7 +31,13 @@ from typing import Any
 
 from shardstore.errors import FormatError, IntegrityError
 from shardstore.format import canonical_json
-from shardstore.format.digest import HASH_NAME, digest, is_object_id
+from shardstore.format.digest import (
+    HASH_NAME,
+    STREAM_CHECKSUM,
+    STREAM_CHECKSUM_V1,
+    is_stream_checksum,
+    matches,
+)
 from shardstore.format.dtypes import nbytes
 from shardstore.format.safetensors_io import (
     SafetensorsHeader,
@@ -39,7 +49,9 @@ from shardstore.format.safetensors_io import (
     quote,
 )
 
-SHARD_FORMAT = "shardstore.shard.v1"
+SHARD_FORMAT = "shardstore.shard.v2"  # written; v2 checks decoded bytes with XXH3-128
+SHARD_FORMAT_V1 = "shardstore.shard.v1"  # still read: decoded bytes checked with BLAKE3
+_STREAM_CHECKSUMS = {SHARD_FORMAT: STREAM_CHECKSUM, SHARD_FORMAT_V1: STREAM_CHECKSUM_V1}
 METADATA_KEY = "shardstore"
 HEADER_LENGTH_BYTES = 8  # the little-endian u64 in front of every safetensors header
 
@@ -49,7 +61,7 @@ class StreamHeader:
     dtype: str
     shape: tuple[int, ...]  # of the piece, not of the whole tensor
     codec: tuple[dict[str, Any], ...]
-    checksum: str  # digest of the decoded bytes
+    checksum: str  # of the decoded bytes, under the shard's stream checksum algorithm
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +76,8 @@ class StreamHeader:
 class Shard:
     shard_id: str
     streams: dict[str, tuple[StreamHeader, memoryview]]
+    # How each stream's decoded bytes are checked: "xxh3-128" (format v2) or "blake3" (v1).
+    stream_checksum: str = STREAM_CHECKSUM
 
     def stream(self, key: str) -> tuple[StreamHeader, memoryview]:
         """One stream's header and encoded bytes; a :class:`FormatError` naming the shard when it has none."""
@@ -78,6 +92,7 @@ def build_shard(streams: list[tuple[StreamHeader, bytes]]) -> bytes:
     metadata = {
         "format": SHARD_FORMAT,
         "checksum": HASH_NAME,
+        "stream_checksum": STREAM_CHECKSUM,
         "streams": {str(i): header.to_json() for i, (header, _payload) in enumerate(streams)},
     }
     entries = [(str(i), "U8", (len(payload),), len(payload)) for i, (_h, payload) in enumerate(streams)]
@@ -85,7 +100,7 @@ def build_shard(streams: list[tuple[StreamHeader, bytes]]) -> bytes:
     return head + b"".join(payload for _h, payload in streams)
 
 
-def _stream_header(key: str, raw: Any, what: str) -> StreamHeader:
+def _stream_header(key: str, raw: Any, what: str, algorithm: str) -> StreamHeader:
     where = f"{what}: stream {quote(key)}"
     if not isinstance(raw, dict) or set(raw) != {"dtype", "shape", "codec", "checksum"}:
         raise FormatError(f"{where}: header must have exactly dtype, shape, codec, checksum")
@@ -94,19 +109,28 @@ def _stream_header(key: str, raw: Any, what: str) -> StreamHeader:
     checked_nbytes(dtype, shape, where)
     if not isinstance(codec, list) or not codec or not all(isinstance(c, dict) for c in codec):
         raise FormatError(f"{where}: codec must be a non-empty list of configs")
-    if not is_object_id(checksum):
-        raise FormatError(f"{where}: bad checksum {quote(checksum)}")
+    if not is_stream_checksum(checksum, algorithm):
+        raise FormatError(f"{where}: bad {algorithm} checksum {quote(checksum)}")
     return StreamHeader(dtype, tuple(shape), tuple(codec), checksum)
 
 
-def _stream_headers(header: SafetensorsHeader, what: str) -> dict[str, StreamHeader]:
-    """The shardstore metadata of a parsed safetensors header: each stream's dtype, shape, codec, checksum."""
+def _stream_headers(header: SafetensorsHeader, what: str) -> tuple[str, dict[str, StreamHeader]]:
+    """The shardstore metadata of a parsed safetensors header: the stream checksum algorithm, and each
+    stream's dtype, shape, codec, checksum."""
     metadata = header.metadata or {}
     if set(metadata) != {METADATA_KEY}:
         raise FormatError(f"{what}: __metadata__ must hold exactly the {METADATA_KEY!r} key")
     doc = canonical_json.loads(metadata[METADATA_KEY], f"{what}: metadata")
-    if not isinstance(doc, dict) or doc.get("format") != SHARD_FORMAT or doc.get("checksum") != HASH_NAME:
-        raise FormatError(f"{what}: not a {SHARD_FORMAT} shard with {HASH_NAME} checksums")
+    if not isinstance(doc, dict) or not isinstance(doc.get("format"), str) or doc["format"] not in _STREAM_CHECKSUMS \
+            or doc.get("checksum") != HASH_NAME:
+        raise FormatError(f"{what}: not a {SHARD_FORMAT} (or v1) shard with {HASH_NAME} checksums")
+    algorithm = _STREAM_CHECKSUMS[doc["format"]]
+    expected_keys = {"format", "checksum", "streams"}
+    if doc["format"] == SHARD_FORMAT:
+        expected_keys.add("stream_checksum")
+    if set(doc) != expected_keys or doc.get("stream_checksum", algorithm) != algorithm:
+        raise FormatError(f"{what}: {doc['format']} metadata must hold exactly {sorted(expected_keys)} "
+                          f"with {algorithm} stream checksums")
     raw_streams = doc.get("streams")
     entries = header.by_name()
     if not isinstance(raw_streams, dict) or set(raw_streams) != set(entries):
@@ -115,19 +139,20 @@ def _stream_headers(header: SafetensorsHeader, what: str) -> dict[str, StreamHea
     for key, entry in entries.items():
         if entry.dtype != "U8" or len(entry.shape) != 1:
             raise FormatError(f"{what}: stream {quote(key)} must be a 1-D U8 tensor")
-        streams[key] = _stream_header(key, raw_streams[key], what)
-    return streams
+        streams[key] = _stream_header(key, raw_streams[key], what, algorithm)
+    return algorithm, streams
 
 
 def parse_shard(data: bytes | bytearray | memoryview, shard_id: str, *, verify_id: bool = True) -> Shard:
     """Check the bytes against their id (DESIGN invariant 3), then parse strictly."""
     what = f"shard {shard_id}"
-    if verify_id and digest(data) != shard_id:
+    if verify_id and not matches(data, shard_id):
         raise IntegrityError(f"{what}: content does not match its id (corrupt or truncated)")
     header, area = parse_bytes(data, what)
     entries = header.by_name()
+    algorithm, streams = _stream_headers(header, what)
     return Shard(shard_id, {key: (stream, area[entries[key].begin : entries[key].end])
-                            for key, stream in _stream_headers(header, what).items()})
+                            for key, stream in streams.items()}, algorithm)
 
 
 def shard_head_length(prefix: bytes, shard_id: str, shard_size: int) -> int:
@@ -148,7 +173,7 @@ def parse_shard_head(head: bytes, shard_id: str, shard_size: int) -> dict[str, S
         raise FormatError(f"{what}: header cut short ({len(head)} of {HEADER_LENGTH_BYTES + length} bytes)")
     header = parse_header(head[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + length], what,
                           shard_size - HEADER_LENGTH_BYTES - length)
-    return _stream_headers(header, what)
+    return _stream_headers(header, what)[1]
 
 
 def read_stream_headers(read_range: Callable[[int, int], bytes], shard_id: str,
@@ -163,7 +188,7 @@ def read_stream_headers(read_range: Callable[[int, int], bytes], shard_id: str,
     length = header_length(read_range(0, HEADER_LENGTH_BYTES), what, size)
     header = parse_header(read_range(HEADER_LENGTH_BYTES, HEADER_LENGTH_BYTES + length), what,
                           size - HEADER_LENGTH_BYTES - length)
-    streams, entries = _stream_headers(header, what), header.by_name()
+    streams, entries = _stream_headers(header, what)[1], header.by_name()
     ordered = [str(i) for i in range(len(streams))]
     if sorted(streams) != sorted(ordered):
         raise FormatError(f"{what}: streams are not named 0..{len(streams) - 1}")

@@ -32,11 +32,11 @@ from typing import Any
 from shardstore.codecs.base import Buffer
 from shardstore.errors import FormatError
 from shardstore.format import canonical_json
-from shardstore.format.digest import HASH_NAME, digest, is_object_id
+from shardstore.format.digest import HASH_NAME, digest, is_object_id, is_stream_checksum, stream_checksum
 from shardstore.format.shard import SHARD_FORMAT, StreamHeader
 from shardstore.repo.quality import ErrorStats
 
-INDEX_FORMAT = "shardstore.index.v1"
+INDEX_FORMAT = "shardstore.index.v2"  # v2: each piece also records its stream checksum ("check")
 INDEX_PREFIX = "index"
 
 
@@ -50,15 +50,19 @@ class PieceInput:
 
     dtype: str
     shape: tuple[int, ...]
-    raw: str  # digest of the raw (unencoded) piece
+    raw: str  # BLAKE3 of the raw (unencoded) piece: what identifies it (collision resistant)
     codec: tuple[dict[str, Any], ...]
+    # Its stream checksum (XXH3-128, shard format v2): what a lossless stream of it declares.
+    check: str = ""
 
     @classmethod
     def of(cls, dtype: str, shape: tuple[int, ...], raw: Buffer, codec: Sequence[dict[str, Any]]) -> PieceInput:
-        return cls(dtype, tuple(shape), digest(memoryview(raw).cast("B")), tuple(codec))
+        view = memoryview(raw).cast("B")
+        return cls(dtype, tuple(shape), digest(view), tuple(codec), stream_checksum(view))
 
     def to_json(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape), "raw": self.raw, "codec": list(self.codec)}
+        return {"dtype": self.dtype, "shape": list(self.shape), "raw": self.raw, "check": self.check,
+                "codec": list(self.codec)}
 
 
 def plan_key(pieces: Sequence[PieceInput]) -> str:
@@ -121,7 +125,7 @@ class IndexEntry:
 
         Every stream's dtype, shape, pipeline and size must agree; for a lossless
         pipeline the stream's checksum (of its decoded bytes) must be the piece's
-        raw digest, so a lossless entry cannot point at other data. A lossy
+        own (``check``), so a lossless entry cannot point at other data. A lossy
         stream's checksum covers its dequantized bytes, which only an encode
         could recompute: there the writer is trusted.
         """
@@ -131,7 +135,7 @@ class IndexEntry:
             if (header.dtype, tuple(header.shape), tuple(header.codec), stored) != (
                     piece.input.dtype, piece.input.shape, piece.input.codec, piece.stored_bytes):
                 return False
-            if piece.error is None and header.checksum != piece.input.raw:
+            if piece.error is None and header.checksum != piece.input.check:
                 return False
         return True
 
@@ -145,12 +149,13 @@ def _number(value: object) -> bool:
 
 
 def _piece(raw: object, what: str) -> IndexedPiece:
-    keys = {"dtype", "shape", "raw", "codec", "stored_bytes"}
+    keys = {"dtype", "shape", "raw", "check", "codec", "stored_bytes"}
     if not isinstance(raw, dict) or not keys <= set(raw) <= keys | {"error"}:
         raise FormatError(f"{what}: a piece must have exactly {', '.join(sorted(keys))} (and error when lossy)")
-    dtype, shape, raw_id, codec, stored = (raw[k] for k in ("dtype", "shape", "raw", "codec", "stored_bytes"))
+    dtype, shape, raw_id, check, codec, stored = (raw[k] for k in ("dtype", "shape", "raw", "check", "codec",
+                                                                    "stored_bytes"))
     if not isinstance(dtype, str) or not isinstance(shape, list) or not all(_count(d) for d in shape) \
-            or not is_object_id(raw_id) or not isinstance(codec, list) or not codec \
+            or not is_object_id(raw_id) or not is_stream_checksum(check) or not isinstance(codec, list) or not codec \
             or not all(isinstance(c, dict) for c in codec) or not _count(stored):
         raise FormatError(f"{what}: bad piece {raw!r}")
     error = None
@@ -161,4 +166,4 @@ def _piece(raw: object, what: str) -> IndexedPiece:
                 or not all(_number(e[f]) for f in fields[1:]):
             raise FormatError(f"{what}: bad error figures {e!r}")
         error = ErrorStats(e["elements"], float(e["squared_error"]), float(e["energy"]), float(e["max_abs_error"]))
-    return IndexedPiece(PieceInput(dtype, tuple(shape), raw_id, tuple(codec)), stored, error)
+    return IndexedPiece(PieceInput(dtype, tuple(shape), raw_id, tuple(codec), check), stored, error)

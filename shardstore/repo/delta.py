@@ -28,7 +28,7 @@ from shardstore.codecs.base import Buffer, PieceInfo
 from shardstore.codecs.bits import xor_into
 from shardstore.codecs.delta import XorDeltaCodec
 from shardstore.codecs.pipeline import Pipeline
-from shardstore.format.digest import digest
+from shardstore.format.digest import stream_checksum
 from shardstore.format.manifest import MAX_DELTA_DEPTH, Manifest, PieceBase, PieceRef
 from shardstore.format.shard import StreamHeader
 from shardstore.repo.pieces import RecentShards, decode_piece
@@ -51,17 +51,17 @@ class EncodedPiece:
 
 def encode_piece(
     raw: Buffer, info: PieceInfo, pipeline: Pipeline, base: DeltaBase | None = None, *,
-    name: str = "", shape: tuple[int, ...] = (), rows: tuple[int, int] = (0, 0), raw_digest: str | None = None,
+    name: str = "", shape: tuple[int, ...] = (), rows: tuple[int, int] = (0, 0), raw_checksum: str | None = None,
 ) -> EncodedPiece | PieceRef:
     """How push stores one piece (rows ``rows`` of tensor ``name`` of ``shape``): a stream, or the base's piece.
 
-    ``raw_digest``: the digest of ``raw`` when the caller already has it (push hashes every piece first).
+    ``raw_checksum``: the stream checksum of ``raw`` when the caller already has it (push hashes every piece first).
     """
     counterpart = base.counterpart(name, info.dtype, shape, rows) if base is not None else None
     base_bytes = base.piece_bytes(name, counterpart) if base is not None and counterpart is not None else None
     if counterpart is not None and base_bytes is not None and _same_bytes(raw, base_bytes):
         return counterpart
-    checksum = raw_digest if raw_digest is not None else digest(raw)
+    checksum = raw_checksum if raw_checksum is not None else stream_checksum(raw)
     plain = EncodedPiece(StreamHeader(info.dtype, info.shape, tuple(pipeline.configs()), checksum),
                          pipeline.encode(raw, info))
     if counterpart is None or base_bytes is None:
@@ -84,7 +84,7 @@ def xor_piece(base_piece: PieceRef, base_bytes: Buffer, raw: Buffer, info: Piece
     delta = bytearray(raw)
     xor_into(memoryview(delta), base_bytes)
     configs = (XorDeltaCodec().get_config(), *pipeline.configs())
-    header = StreamHeader(info.dtype, info.shape, configs, digest(delta))
+    header = StreamHeader(info.dtype, info.shape, configs, stream_checksum(delta))
     return EncodedPiece(header, pipeline.encode(delta, info), PieceBase(base_piece.shard, base_piece.stream,
                                                                          base_piece.base))
 

@@ -23,7 +23,7 @@ from shardstore.codecs.bits import xor_into
 from shardstore.codecs.delta import XorDeltaCodec
 from shardstore.codecs.pipeline import Pipeline
 from shardstore.errors import CodecError, FormatError, IntegrityError
-from shardstore.format.digest import digest
+from shardstore.format.digest import stream_matches
 from shardstore.format.manifest import PieceBase, PieceRef, TensorRecord
 from shardstore.format.shard import Shard, StreamHeader, parse_shard
 from shardstore.repo.registry import ModelSource
@@ -75,7 +75,7 @@ def decode_stream(shard: Shard, key: str, out: memoryview | None = None) -> Buff
         decoded = Pipeline.from_configs(header.codec).decode(payload, stream_info(header), out)
     except CodecError as exc:
         raise IntegrityError(f"shard {shard.shard_id}: stream {key} cannot be decoded: {exc}") from None
-    if len(decoded) != header.nbytes or digest(decoded) != header.checksum:
+    if len(decoded) != header.nbytes or not stream_matches(decoded, header.checksum, shard.stream_checksum):
         raise IntegrityError(f"shard {shard.shard_id}: stream {key} decodes to bytes that fail its checksum")
     return decoded
 

@@ -145,7 +145,7 @@ def _encode_shard(
         elif pipeline.lossless:
             encoded = encode_piece(raw, PieceInfo(tensor.dtype, piece.shape), pipeline, base,
                                    name=tensor.name, shape=tensor.shape, rows=piece.rows,
-                                   raw_digest=inputs[index].raw if inputs is not None else None)
+                                   raw_checksum=inputs[index].check if inputs is not None else None)
             piece_errors.append(None)
         else:  # lossy: never a delta; the checksum covers what decodes (dequantized), and the error is kept
             lossy = encode_stream(pipeline, raw, PieceInfo(tensor.dtype, piece.shape), tensor.name)

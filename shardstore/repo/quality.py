@@ -20,7 +20,7 @@ from shardstore.codecs.base import Buffer, PieceInfo
 from shardstore.codecs.pipeline import Pipeline
 from shardstore.codecs.quantize import QuantizeCodec, to_float32
 from shardstore.errors import CodecError, InvalidInputError
-from shardstore.format.digest import digest
+from shardstore.format.digest import stream_checksum
 
 
 def _round(value: float, digits: int = 6) -> float:
@@ -94,9 +94,9 @@ def encode_stream(pipeline: Pipeline, raw: Buffer, info: PieceInfo, tensor: str)
     except CodecError as exc:  # a quantizer refusing NaN, say: name the tensor, not just the codec
         raise InvalidInputError(f"tensor {tensor!r}: {exc}") from None
     if pipeline.lossless:
-        return EncodedStream(encoded, digest(raw), None)
+        return EncodedStream(encoded, stream_checksum(raw), None)
     decoded = pipeline.decode(encoded, info)
-    return EncodedStream(encoded, digest(decoded), ErrorStats.measure(raw, decoded, info.dtype))
+    return EncodedStream(encoded, stream_checksum(decoded), ErrorStats.measure(raw, decoded, info.dtype))
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def measure_piece(pipeline: Pipeline, raw: Buffer, info: PieceInfo,
     """
     stages = pipeline.codecs
     if pipeline.lossless:
-        return EncodedStream(pipeline.encode(raw, info), digest(raw), None)
+        return EncodedStream(pipeline.encode(raw, info), stream_checksum(raw), None)
     first_stage = stages[0]
     if isinstance(first_stage, QuantizeCodec) and original is not None:
         rows, columns = first_stage.check_piece(raw, info)
@@ -150,4 +150,4 @@ def measure_piece(pipeline: Pipeline, raw: Buffer, info: PieceInfo,
     decoded = first_stage.decode(first, info)
     error = original.error(decoded, info.dtype) if original is not None else ErrorStats.measure(raw, decoded,
                                                                                                  info.dtype)
-    return EncodedStream(stored, digest(memoryview(decoded).cast("B")), error)
+    return EncodedStream(stored, stream_checksum(memoryview(decoded).cast("B")), error)

@@ -32,7 +32,7 @@ from shardstore.errors import (
     ShardstoreError,
     StoreMissingError,
 )
-from shardstore.format.digest import check_object_id, digest
+from shardstore.format.digest import check_object_id, digest, matches
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.format.shard import StreamHeader, parse_shard_head, read_stream_headers, shard_head_length
 from shardstore.format.store_config import (
@@ -204,7 +204,7 @@ class Repository:
         self.check_readable()
         data = self.store.get(key)
         self._count(len(data))
-        if digest(data) != object_id:
+        if not matches(data, object_id):
             raise IntegrityError(f"{kind} {object_id}: content does not match its id (corrupt or truncated)")
         return data
 

@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 import grpc
 
 from shardstore.errors import FormatError, IntegrityError, InvalidInputError, StoreError
-from shardstore.format.digest import check_object_id, digest
+from shardstore.format.digest import check_object_id, digest, matches
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.format.safetensors_io import MAX_HEADER_BYTES
 from shardstore.repo.content_index import IndexEntry
@@ -434,7 +434,7 @@ class GrpcClient:
 
     def _accept(self, item: tuple[str, bytearray]) -> tuple[str, bytearray]:
         shard_id, data = item
-        if digest(data) != shard_id:
+        if not matches(data, shard_id):
             raise IntegrityError(f"shard {shard_id}: received bytes do not match its id; refused")
         if self._cache_writer is not None:
             self._cache_writer.submit(shard_id, data)

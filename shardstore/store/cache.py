@@ -23,7 +23,7 @@ import uuid
 from collections import deque
 from pathlib import Path
 
-from shardstore.format.digest import digest, is_object_id
+from shardstore.format.digest import digest, is_object_id, matches
 from shardstore.sizes import parse_size
 
 CACHE_ENV = "SHARDSTORE_CACHE"
@@ -96,7 +96,7 @@ class ShardCache:
         except OSError:
             self.misses += 1
             return None
-        if digest(data) != shard_id:
+        if not matches(data, shard_id):
             self.corrupt += 1
             self.misses += 1
             self._remove(path, len(data))

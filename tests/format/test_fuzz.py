@@ -26,7 +26,7 @@ from shardstore.codecs import Pipeline, get_codec
 from shardstore.codecs.base import PieceInfo
 from shardstore.errors import CodecError, FormatError, IntegrityError, InvalidInputError, ShardstoreError
 from shardstore.format import canonical_json
-from shardstore.format.digest import digest
+from shardstore.format.digest import digest, stream_checksum
 from shardstore.format.dtypes import ITEMSIZE, nbytes
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.format.safetensors_io import SafetensorsHeader, build_header, parse_bytes
@@ -189,7 +189,7 @@ def encoded_stream(dtype: str, rows: int, config: dict[str, Any], seed: int) -> 
     raw = np.random.default_rng(seed).integers(0, 256, size=rows * 4 * ITEMSIZE[dtype], dtype=np.uint8).tobytes()
     info = PieceInfo(dtype, (rows, 4))
     pipeline = Pipeline.from_configs([config])
-    return StreamHeader(dtype, info.shape, tuple(pipeline.configs()), digest(raw)), pipeline.encode(raw, info)
+    return StreamHeader(dtype, info.shape, tuple(pipeline.configs()), stream_checksum(raw)), pipeline.encode(raw, info)
 
 
 def decode_all(data: bytes) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import xxhash
 
 from shardstore.codecs import PieceInfo, codec_from_name
 from shardstore.errors import FormatError, IntegrityError, UnsupportedFormatError
-from shardstore.format.digest import digest
+from shardstore.format import canonical_json
+from shardstore.format.digest import digest, stream_checksum
 from shardstore.format.manifest import BlobRecord, FileRecord, Manifest, PieceRef, TensorRecord, parse_manifest
+from shardstore.format.safetensors_io import build_header
 from shardstore.format.shard import StreamHeader, build_shard, parse_shard
 from shardstore.repo.pieces import decode_stream
 
@@ -17,7 +20,7 @@ RAW = bytes(range(256)) * 16  # 4096 bytes = 1024 F32
 def _shard(codec_name: str = "zstd") -> tuple[str, bytes]:
     codec = codec_from_name(codec_name)
     info = PieceInfo("F32", (32, 32))
-    header = StreamHeader("F32", (32, 32), (codec.get_config(),), digest(RAW))
+    header = StreamHeader("F32", (32, 32), (codec.get_config(),), stream_checksum(RAW))
     data = build_shard([(header, codec.encode(RAW, info))])
     return digest(data), data
 
@@ -50,10 +53,41 @@ def test_flipped_byte_is_caught_and_named() -> None:
 
 def test_decoded_checksum_is_enforced() -> None:
     codec = codec_from_name("raw")
-    header = StreamHeader("F32", (1024,), (codec.get_config(),), digest(b"something else"))
+    header = StreamHeader("F32", (1024,), (codec.get_config(),), stream_checksum(b"something else"))
     data = build_shard([(header, RAW)])
     with pytest.raises(IntegrityError, match="checksum"):
         decode_stream(parse_shard(data, digest(data)), "0")
+
+
+def _v1_shard(checksum: str) -> bytes:
+    """A ``shardstore.shard.v1`` shard as version 0.1 wrote it (BLAKE3 of the decoded bytes), built by hand."""
+    config = codec_from_name("raw").get_config()
+    meta = {"format": "shardstore.shard.v1", "checksum": "blake3",
+            "streams": {"0": {"dtype": "F32", "shape": [1024], "codec": [config], "checksum": checksum}}}
+    return build_header([("0", "U8", (len(RAW),), len(RAW))], {"shardstore": canonical_json.dumps(meta).decode()}) + RAW
+
+
+def test_format_v1_shards_still_decode_and_check_with_blake3() -> None:
+    old = _v1_shard(digest(RAW))
+    shard = parse_shard(old, digest(old))
+    assert shard.stream_checksum == "blake3"
+    assert bytes(decode_stream(shard, "0")) == RAW
+    wrong = _v1_shard(digest(b"something else"))
+    with pytest.raises(IntegrityError, match="fail its checksum"):
+        decode_stream(parse_shard(wrong, digest(wrong)), "0")
+    # An XXH3 checksum in a v1 shard (or a BLAKE3 one in a v2 shard) is refused when parsed.
+    mixed = _v1_shard(stream_checksum(RAW))
+    with pytest.raises(FormatError, match="blake3 checksum"):
+        parse_shard(mixed, digest(mixed))
+
+
+def test_new_shards_are_v2_with_xxh3_stream_checksums() -> None:
+    shard_id, data = _shard("raw")
+    shard = parse_shard(data, shard_id)
+    assert shard.stream_checksum == "xxh3-128"
+    header, _payload = shard.streams["0"]
+    assert header.checksum == xxhash.xxh3_128_hexdigest(RAW)  # computed here with the library itself
+    assert b'\\"format\\":\\"shardstore.shard.v2\\"' in data  # JSON inside the JSON header
 
 
 def _manifest() -> Manifest:

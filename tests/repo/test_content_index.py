@@ -121,7 +121,7 @@ def test_index_never_trusts_a_damaged_store(tmp_path: Path, damage: str) -> None
         entry_paths = [p for p in (store.root / "index").rglob("*")
                        if p.is_file() and json.loads(p.read_bytes())["shard"] == victim]
         assert len(entry_paths) == 1
-        entry_paths[0].write_bytes(b'{"format": "shardstore.index.v1", "shard": "' + b"0" * 64 + b'"')
+        entry_paths[0].write_bytes(b'{"format": "shardstore.index.v2", "shard": "' + b"0" * 64 + b'"')
 
     again = shardstore.push(model, "m:v1", store=store, chunk_bytes=CHUNK)
     assert again.pieces_encoded == 2  # the norm and the bias of layer 0, which share the victim shard

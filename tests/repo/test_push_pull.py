@@ -150,7 +150,7 @@ def test_forged_shard_declaring_a_bigger_stream_is_refused(tmp_path: Path, local
 
     from shardstore.codecs.raw import RawCodec
     from shardstore.errors import IntegrityError
-    from shardstore.format.digest import digest
+    from shardstore.format.digest import digest, stream_checksum
     from shardstore.format.shard import StreamHeader, build_shard
     from shardstore.repo.refs import parse_ref
     from shardstore.repo.repository import Repository
@@ -162,7 +162,7 @@ def test_forged_shard_declaring_a_bigger_stream_is_refused(tmp_path: Path, local
     record = manifest.tensors["w"]
     # 64 rows where the manifest expects 4: a reader trusting the shard would write 16x past the tensor.
     big = np.ones((64, 8), dtype=np.float32).tobytes()
-    header = StreamHeader("F32", (64, 8), (RawCodec().get_config(),), digest(big))
+    header = StreamHeader("F32", (64, 8), (RawCodec().get_config(),), stream_checksum(big))
     forged = build_shard([(header, big)])
     forged_id = digest(forged)
     repo.put_shard(forged_id, forged)
