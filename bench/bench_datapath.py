@@ -174,6 +174,7 @@ class PlainStreamServer:
 
     def __init__(self, files: list[Path], rate: float | None) -> None:
         self.data = [path.read_bytes() for path in files]
+        self.total = sum(len(d) for d in self.data)
         self.rate = rate
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -214,7 +215,7 @@ class PlainStreamServer:
     def fetch(self) -> Callable[[], None]:
         import grpc
 
-        total = sum(len(d) for d in self.data)
+        total = self.total
 
         def run() -> None:
             out = bytearray(total)
@@ -261,7 +262,37 @@ def peak_anon_bytes(cmd: list[str], env: dict[str, str]) -> int:
     return peak
 
 
+@contextmanager
+def plain_stream_process(files: list[Path], rate: float | None) -> Iterator[PlainStreamServer]:
+    """A :class:`PlainStreamServer` in a child process (its own GIL, as a real server has); yields a client of it."""
+    cmd = [sys.executable, __file__, "--serve-plain", *map(str, files)] + (["--rate", str(rate)] if rate else [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        client = PlainStreamServer.__new__(PlainStreamServer)
+        client.port = int(proc.stdout.readline())
+        client.data = [b""] * 0
+        client.total = sum(path.stat().st_size for path in files)
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def serve_plain(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--serve-plain", nargs="+", type=Path)
+    parser.add_argument("--rate", type=float, default=None)
+    args = parser.parse_args(argv)
+    with PlainStreamServer(args.serve_plain, args.rate) as server:
+        print(server.port, flush=True)
+        threading.Event().wait()
+    return 0
+
+
 def main() -> int:
+    if "--serve-plain" in sys.argv:
+        return serve_plain(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["minilm", "llama"], default="minilm")
     parser.add_argument("--llama-gb", type=float, default=4.2, help="size of the synthetic model (default 4.2)")
