@@ -173,8 +173,8 @@ class PlainStreamServer:
     """A bare grpcio server streaming the raw files in 1 MiB messages: no checks, no cache, no codec."""
 
     def __init__(self, files: list[Path], rate: float | None) -> None:
-        self.data = [path.read_bytes() for path in files]
-        self.total = sum(len(d) for d in self.data)
+        self.files = files
+        self.total = sum(path.stat().st_size for path in files)
         self.rate = rate
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -187,12 +187,12 @@ class PlainStreamServer:
 
         async def stream(request: bytes, context: Any) -> Any:
             pacer = Pacer(self.rate) if self.rate else None
-            for blob in self.data:
-                for start in range(0, len(blob), MESSAGE):
-                    chunk = blob[start : start + MESSAGE]
-                    if pacer is not None:
-                        await pacer.send(len(chunk))
-                    yield chunk
+            for path in self.files:  # read as sent (page cache): a 4 GB model is never held whole
+                with path.open("rb") as handle:
+                    while chunk := handle.read(MESSAGE):
+                        if pacer is not None:
+                            await pacer.send(len(chunk))
+                        yield chunk
 
         async def start() -> int:
             handler = grpc.method_handlers_generic_handler("plain.Bytes", {
@@ -271,7 +271,6 @@ def plain_stream_process(files: list[Path], rate: float | None) -> Iterator[Plai
         assert proc.stdout is not None
         client = PlainStreamServer.__new__(PlainStreamServer)
         client.port = int(proc.stdout.readline())
-        client.data = [b""] * 0
         client.total = sum(path.stat().st_size for path in files)
         yield client
     finally:
