@@ -40,10 +40,13 @@ KNOWN_VERSIONS = frozenset({1})
 # Features of version 1 this program understands, by class.
 # ``leases``: writers take a lease under ``leases/`` so that gc never deletes what a push in
 # flight will name (DESIGN invariant 6); a writer that did not would race gc.
-KNOWN_READ_FEATURES: frozenset[str] = frozenset()
+# ``tag-keys``: refs are kept at ``refs/<name>/@<tag>`` (so ``a:t`` and ``a/t:v1`` coexist); a program
+# that looks only at ``refs/<name>/<tag>`` would see no refs, so it must refuse to read such a store.
+TAG_KEYS = "tag-keys"
+KNOWN_READ_FEATURES: frozenset[str] = frozenset({TAG_KEYS})
 KNOWN_WRITE_FEATURES = frozenset({"leases"})
 # What this program uses, and so records in a config it writes.
-READ_FEATURES: tuple[str, ...] = ()
+READ_FEATURES: tuple[str, ...] = (TAG_KEYS,)
 WRITE_FEATURES: tuple[str, ...] = ("leases",)
 MAX_CONFIG_BYTES = 1 << 16
 

@@ -16,6 +16,9 @@ DEFAULT_TAG = "latest"
 _NAME = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 MAX_NAME_LENGTH = 255
+# A tag's key part starts with this: neither names nor tags may contain it, so ``a:t`` (refs/a/@t) and
+# ``a/t:v1`` (refs/a/t/@v1) never collide. Stores written before it hold refs/<name>/<tag>: still read.
+TAG_MARK = "@"
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,12 @@ class Ref:
 
     @property
     def key(self) -> str:
+        """Where the ref is written: ``refs/<name>/@<tag>``."""
+        return f"refs/{self.name}/{TAG_MARK}{self.tag}"
+
+    @property
+    def legacy_key(self) -> str:
+        """Where stores written before the ``@`` layout keep it: ``refs/<name>/<tag>`` (read, then migrated)."""
         return f"refs/{self.name}/{self.tag}"
 
 
@@ -50,6 +59,7 @@ def ref_from_key(key: str) -> Ref | None:
     if not key.startswith("refs/"):
         return None
     name, _, tag = key[len("refs/") :].rpartition("/")
+    tag = tag.removeprefix(TAG_MARK)  # the current layout; without it, a ref of an older store
     try:
         return parse_ref(f"{name}:{tag}")
     except InvalidInputError:

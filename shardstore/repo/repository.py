@@ -3,7 +3,7 @@
     shards/<id[:2]>/<id>     immutable, written once
     blobs/<id[:2]>/<id>      non-tensor files, immutable
     manifests/<id>.json      immutable
-    refs/<name>/<tag>        mutable: the manifest id
+    refs/<name>/@<tag>       mutable: the manifest id (stores without ``tag-keys``: refs/<name>/<tag>)
     leases/<kind>-<uuid>.json  mutable: pushes and gc in flight (``shardstore.repo.leases``)
     index/<key[:2]>/<key>    mutable cache: a shard plan's inputs -> its shard (``repo.content_index``)
     config                   the store's format version and features (``shardstore.format.store_config``)
@@ -37,6 +37,7 @@ from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.format.shard import StreamHeader, parse_shard_head, read_stream_headers, shard_head_length
 from shardstore.format.store_config import (
     CONFIG_KEY,
+    TAG_KEYS,
     StoreConfig,
     legacy_store_config,
     new_store_config,
@@ -162,10 +163,24 @@ class Repository:
 
     # -- reads ------------------------------------------------------------------
 
+    def _ref_key(self, ref: Ref) -> str:
+        """Where this store writes ``ref``: the ``@`` layout in stores whose config has ``tag-keys``.
+
+        Stores made before it keep the older layout, which the programs that wrote them can read.
+        """
+        return ref.key if TAG_KEYS in self.check_readable(must_exist=False).read_features else ref.legacy_key
+
+    def _read_ref(self, ref: Ref) -> bytes:
+        """The ref's bytes: its key, else its key in the layout of older stores; NotFoundError when neither."""
+        try:
+            return self.store.get(ref.key)
+        except NotFoundError:
+            return self.store.get(ref.legacy_key)
+
     def resolve(self, ref: Ref) -> str:
         self.check_readable()
         try:
-            value = self.store.get(ref.key).decode("ascii", "replace").strip()
+            value = self._read_ref(ref).decode("ascii", "replace").strip()
         except NotFoundError:
             raise self._no_such_ref(ref) from None
         return check_object_id(value, f"manifest id in ref {ref}")
@@ -174,7 +189,7 @@ class Repository:
         """The tags that exist for model ``name``, sorted (one LIST, no reads)."""
         self.check_readable()
         found = (ref_from_key(key) for key in self.store.list("refs"))
-        return sorted(ref.tag for ref in found if ref is not None and ref.name == name)
+        return sorted({ref.tag for ref in found if ref is not None and ref.name == name})
 
     def _no_such_ref(self, ref: Ref) -> NotFoundError:
         """A not-found error that says what does exist: the user's next move is usually one of those tags."""
@@ -255,8 +270,8 @@ class Repository:
     def list_refs(self) -> list[tuple[Ref, str]]:
         self.check_readable()
         refs: list[tuple[Ref, str]] = []
-        for key in sorted(self.store.list("refs")):
-            ref = ref_from_key(key)
+        # A ref in both layouts (a migration cut short) is listed once; resolve prefers the current key.
+        for ref in dict.fromkeys(ref_from_key(key) for key in sorted(self.store.list("refs"))):
             if ref is not None:
                 try:
                     refs.append((ref, self.resolve(ref)))
@@ -356,7 +371,10 @@ class Repository:
         self.check_writable()
         if not self.store.exists(manifest_key(manifest_id)):
             raise NotFoundError(f"{ref}: manifest {manifest_id} is not in the store")
-        self.store.put(ref.key, manifest_id.encode() + b"\n")
+        key = self._ref_key(ref)
+        self.store.put(key, manifest_id.encode() + b"\n")
+        if key != ref.legacy_key:
+            self.store.delete(ref.legacy_key)  # a ref of an older layout moves to the current one
 
     def tag(self, src: Ref, dst: Ref) -> str:
         """Point ``dst`` at the manifest ``src`` points at (``dst`` is created or moved); returns that id."""
@@ -374,7 +392,19 @@ class Repository:
         self.check_writable()
         manifest_id = self.resolve(ref)
         self.store.delete(ref.key)
+        self.store.delete(ref.legacy_key)
         return manifest_id
+
+    def _migrate_ref(self, ref: Ref) -> None:
+        """Move a ref of an older layout to the current key, so a compare-and-set sees its value there."""
+        if self._ref_key(ref) == ref.legacy_key:
+            return
+        try:
+            old = self.store.get(ref.legacy_key)
+        except NotFoundError:
+            return
+        self.store.compare_and_set(ref.key, None, old)  # lost to a concurrent writer: theirs is newer
+        self.store.delete(ref.legacy_key)
 
     def compare_and_set_ref(self, ref: Ref, manifest_id: str, expected: str | None) -> str:
         """Point ``ref`` at a stored manifest if it points at ``expected`` ("" = must not exist; None = any).
@@ -393,7 +423,8 @@ class Repository:
         if not self.store.exists(manifest_key(manifest_id)):
             raise NotFoundError(f"{ref}: manifest {manifest_id} is not in the store")
         want = (check_object_id(expected, "expected manifest id") + "\n").encode() if expected else None
-        if not self.store.compare_and_set(ref.key, want, manifest_id.encode() + b"\n"):
+        self._migrate_ref(ref)
+        if not self.store.compare_and_set(self._ref_key(ref), want, manifest_id.encode() + b"\n"):
             raise ConflictError(f"{ref}: changed meanwhile (expected {expected or 'no ref'}); not updated")
         return previous
 

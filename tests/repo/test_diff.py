@@ -23,7 +23,7 @@ def _shard_files(store: Path) -> dict[str, int]:
 
 
 def _manifest_doc(store: Path, name: str, tag: str) -> dict:
-    manifest_id = (store / "refs" / name / tag).read_text().strip()
+    manifest_id = (store / "refs" / name / f"@{tag}").read_text().strip()
     return json.loads((store / "manifests" / f"{manifest_id}.json").read_bytes())
 
 

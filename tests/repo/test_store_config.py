@@ -62,7 +62,7 @@ def test_first_push_writes_the_config(any_store: Store, model: Path) -> None:
     assert not any_store.exists("config")
     shardstore.push(model, "small:v1", store=any_store, chunk_bytes=SMALL_CHUNK)
     assert _config(any_store) == {"format": "shardstore.store", "version": 1, "hash": "blake3",
-                                  "features": {"read": [], "write": ["leases"]}}
+                                  "features": {"read": ["tag-keys"], "write": ["leases"]}}
 
 
 def test_unknown_version_refuses_every_reader_and_writer(any_store: Store, model: Path, tmp_path: Path) -> None:

@@ -92,7 +92,7 @@ def _rows(driver: webdriver.Chrome, selector: str, attribute: str = "data-name")
 
 def _manifest(store: Path, ref: str) -> dict[str, Any]:
     name, tag = ref.split(":")
-    manifest_id = (store / "refs" / name / tag).read_text().strip()
+    manifest_id = (store / "refs" / name / f"@{tag}").read_text().strip()
     return json.loads((store / "manifests" / f"{manifest_id}.json").read_bytes())
 
 

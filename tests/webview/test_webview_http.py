@@ -43,7 +43,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shardstore.push(root / f"{src}.safetensors", ref, store=LocalStore(path))
     shardstore.push(root / "v2.safetensors", "team/tiny:v2", store=LocalStore(path), base="team/tiny:v1")
     # A disk that garbled one manifest: its pages fail, the others still work.
-    manifest = path / "manifests" / f"{(path / 'refs' / 'broken' / 'tiny' / 'v1').read_text().strip()}.json"
+    manifest = path / "manifests" / f"{(path / 'refs' / 'broken' / 'tiny' / '@v1').read_text().strip()}.json"
     manifest.write_bytes(manifest.read_bytes()[:-10] + b"garbage!!}")
     return path
 
@@ -94,7 +94,7 @@ def test_open_server_pages_are_locked_down_and_never_show_the_store(open_server:
         # Every asset is this server's own: nothing is fetched from elsewhere (works offline).
         assert not re.search(r'(src|href)="(https?:)?//', body), path
     body = request(open_server, "/")[2]
-    created = json.loads((store / "manifests" / f"{(store / 'refs/team/tiny/v1').read_text().strip()}.json")
+    created = json.loads((store / "manifests" / f"{(store / 'refs/team/tiny/@v1').read_text().strip()}.json")
                          .read_bytes())["created"]
     assert f"{created[:10]} {created[11:16]} UTC" in _row(body, "team/tiny:v1")
     assert "team/tiny:v1" in _row(body, "team/tiny:v2")  # the delta names its base
