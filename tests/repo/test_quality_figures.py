@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from rpc.grpc_helpers import write_small_model
 from safetensors.torch import load_file
 
