@@ -19,7 +19,7 @@ stored objects, a ref names only a stored manifest) lives here, once.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Self
 
@@ -253,11 +253,18 @@ class Repository:
     def has_shard(self, shard_id: str) -> bool:
         return self.store.exists(shard_key(shard_id))
 
-    def missing_shards(self, shard_ids: Iterable[str]) -> list[str]:
-        return [s for s in dict.fromkeys(shard_ids) if not self.has_shard(s)]
+    def missing_shards(self, shard_ids: Iterable[str], sizes: Sequence[int] = ()) -> list[str]:
+        """The shards not stored; given ``sizes`` (parallel to the ids), also those stored with another size."""
+        return self._missing(shard_key, list(shard_ids), sizes)
 
-    def missing_blobs(self, blob_ids: Iterable[str]) -> list[str]:
-        return [b for b in dict.fromkeys(blob_ids) if not self.store.exists(blob_key(b))]
+    def missing_blobs(self, blob_ids: Iterable[str], sizes: Sequence[int] = ()) -> list[str]:
+        return self._missing(blob_key, list(blob_ids), sizes)
+
+    def _missing(self, key: Callable[[str], str], ids: list[str], sizes: Sequence[int]) -> list[str]:
+        if sizes and len(sizes) != len(ids):
+            raise InvalidInputError(f"{len(sizes)} sizes for {len(ids)} ids")
+        sized = dict(zip(ids, sizes, strict=True)) if sizes else {}
+        return [i for i in dict.fromkeys(ids) if not self.store.has(key(i), sized.get(i))]
 
     def check_complete(self, manifest: Manifest) -> None:
         """Raise :class:`NotFoundError` naming the first shard or blob ``manifest`` names that is not stored."""

@@ -606,8 +606,11 @@ class GrpcClient:
 
     # -- writes (PushTarget) ----------------------------------------------------------------
 
-    def find_missing(self, shard_ids: Iterable[str] = (), blob_ids: Iterable[str] = ()) -> tuple[list[str], list[str]]:
-        request = pb.FindMissingRequest(shard_ids=list(shard_ids), blob_ids=list(blob_ids))
+    def find_missing(self, shard_ids: Iterable[str] = (), blob_ids: Iterable[str] = (), *,
+                     shard_sizes: Sequence[int] = (), blob_sizes: Sequence[int] = ()) -> tuple[list[str], list[str]]:
+        """The ids the server lacks; with sizes, also those it holds at another size (truncated: sent again)."""
+        request = pb.FindMissingRequest(shard_ids=list(shard_ids), blob_ids=list(blob_ids),
+                                        shard_sizes=list(shard_sizes), blob_sizes=list(blob_sizes))
 
         def call() -> tuple[list[str], list[str]]:
             response = self._stub.FindMissing(request, **self._unary_options)
@@ -692,14 +695,14 @@ class GrpcClient:
 
     def put_shard(self, shard_id: str, data: bytes | memoryview) -> bool:
         """Upload a shard unless the server has it; returns whether bytes were sent."""
-        if not self.find_missing(shard_ids=[shard_id])[0]:
+        if not self.find_missing(shard_ids=[shard_id], shard_sizes=[len(memoryview(data))])[0]:
             return False
         self._upload(pb.OBJECT_KIND_SHARD, shard_id, data)
         return True
 
     def put_blob(self, data: bytes) -> tuple[str, bool]:
         blob_id = digest(data)
-        if not self.find_missing(blob_ids=[blob_id])[1]:
+        if not self.find_missing(blob_ids=[blob_id], blob_sizes=[len(data)])[1]:
             return blob_id, False
         self._upload(pb.OBJECT_KIND_BLOB, blob_id, data)
         return blob_id, True

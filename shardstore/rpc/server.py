@@ -356,7 +356,8 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             def missing() -> tuple[list[str], list[str], list[bytes]]:
                 self._begin_write()  # "already have it" is a promise until the client's ref is set
                 indexed = self.repo.find_indexed(index_keys) if index_keys else {}
-                return (self.repo.missing_shards(shards), self.repo.missing_blobs(blobs),
+                return (self.repo.missing_shards(shards, list(request.shard_sizes)),
+                        self.repo.missing_blobs(blobs, list(request.blob_sizes)),
                         [entry.to_bytes() for entry in indexed.values()])
 
             missing_shards, missing_blobs, entries = await self._run(missing)

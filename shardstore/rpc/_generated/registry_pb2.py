@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardstore/v1/registry.proto\x12\rshardstore.v1\".\n\x11ResolveRefRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\")\n\x12ResolveRefResponse\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\")\n\x12GetManifestRequest\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\"\'\n\x13GetManifestResponse\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\"!\n\x0eGetBlobRequest\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\"(\n\x13StreamShardsRequest\x12\x11\n\tshard_ids\x18\x01 \x03(\t\"K\n\x0bObjectChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"M\n\x15SignObjectUrlsRequest\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.shardstore.v1.ObjectKind\x12\x0b\n\x03ids\x18\x02 \x03(\t\"B\n\x16SignObjectUrlsResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x02 \x01(\r\"M\n\x12\x46indMissingRequest\x12\x11\n\tshard_ids\x18\x01 \x03(\t\x12\x10\n\x08\x62lob_ids\x18\x02 \x03(\t\x12\x12\n\nindex_keys\x18\x03 \x03(\t\"a\n\x13\x46indMissingResponse\x12\x19\n\x11missing_shard_ids\x18\x01 \x03(\t\x12\x18\n\x10missing_blob_ids\x18\x02 \x03(\t\x12\x15\n\rindex_entries\x18\x03 \x03(\x0c\"\"\n\x0fPutIndexRequest\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\"#\n\x10PutIndexResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\"t\n\x0bUploadChunk\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.shardstore.v1.ObjectKind\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\\\n\x15UploadObjectsResponse\x12\x15\n\rcommitted_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x65xisting_ids\x18\x02 \x03(\t\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\"&\n\x12PutManifestRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\";\n\x13PutManifestResponse\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\x12\x0f\n\x07written\x18\x02 \x01(\x08\"{\n\rSetRefRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bmanifest_id\x18\x03 \x01(\t\x12!\n\x14\x65xpected_manifest_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x17\n\x15_expected_manifest_id\".\n\x0eSetRefResponse\x12\x1c\n\x14previous_manifest_id\x18\x01 \x01(\t\"&\n\x0fListRefsRequest\x12\x13\n\x0bname_prefix\x18\x01 \x01(\t\":\n\x08RefEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bmanifest_id\x18\x03 \x01(\t\"9\n\x10ListRefsResponse\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.shardstore.v1.RefEntry\"-\n\x10\x44\x65leteRefRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\"(\n\x11\x44\x65leteRefResponse\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t*V\n\nObjectKind\x12\x1b\n\x17OBJECT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11OBJECT_KIND_SHARD\x10\x01\x12\x14\n\x10OBJECT_KIND_BLOB\x10\x02\x32\xde\x07\n\x08Registry\x12Q\n\nResolveRef\x12 .shardstore.v1.ResolveRefRequest\x1a!.shardstore.v1.ResolveRefResponse\x12T\n\x0bGetManifest\x12!.shardstore.v1.GetManifestRequest\x1a\".shardstore.v1.GetManifestResponse\x12\x46\n\x07GetBlob\x12\x1d.shardstore.v1.GetBlobRequest\x1a\x1a.shardstore.v1.ObjectChunk0\x01\x12P\n\x0cStreamShards\x12\".shardstore.v1.StreamShardsRequest\x1a\x1a.shardstore.v1.ObjectChunk0\x01\x12]\n\x0eSignObjectUrls\x12$.shardstore.v1.SignObjectUrlsRequest\x1a%.shardstore.v1.SignObjectUrlsResponse\x12T\n\x0b\x46indMissing\x12!.shardstore.v1.FindMissingRequest\x1a\".shardstore.v1.FindMissingResponse\x12S\n\rUploadObjects\x12\x1a.shardstore.v1.UploadChunk\x1a$.shardstore.v1.UploadObjectsResponse(\x01\x12T\n\x0bPutManifest\x12!.shardstore.v1.PutManifestRequest\x1a\".shardstore.v1.PutManifestResponse\x12K\n\x08PutIndex\x12\x1e.shardstore.v1.PutIndexRequest\x1a\x1f.shardstore.v1.PutIndexResponse\x12\x45\n\x06SetRef\x12\x1c.shardstore.v1.SetRefRequest\x1a\x1d.shardstore.v1.SetRefResponse\x12K\n\x08ListRefs\x12\x1e.shardstore.v1.ListRefsRequest\x1a\x1f.shardstore.v1.ListRefsResponse\x12N\n\tDeleteRef\x12\x1f.shardstore.v1.DeleteRefRequest\x1a .shardstore.v1.DeleteRefResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cshardstore/v1/registry.proto\x12\rshardstore.v1\".\n\x11ResolveRefRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\")\n\x12ResolveRefResponse\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\")\n\x12GetManifestRequest\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\"\'\n\x13GetManifestResponse\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\"!\n\x0eGetBlobRequest\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\"(\n\x13StreamShardsRequest\x12\x11\n\tshard_ids\x18\x01 \x03(\t\"K\n\x0bObjectChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"M\n\x15SignObjectUrlsRequest\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.shardstore.v1.ObjectKind\x12\x0b\n\x03ids\x18\x02 \x03(\t\"B\n\x16SignObjectUrlsResponse\x12\x0c\n\x04urls\x18\x01 \x03(\t\x12\x1a\n\x12\x65xpires_in_seconds\x18\x02 \x01(\r\"v\n\x12\x46indMissingRequest\x12\x11\n\tshard_ids\x18\x01 \x03(\t\x12\x10\n\x08\x62lob_ids\x18\x02 \x03(\t\x12\x12\n\nindex_keys\x18\x03 \x03(\t\x12\x13\n\x0bshard_sizes\x18\x04 \x03(\x04\x12\x12\n\nblob_sizes\x18\x05 \x03(\x04\"a\n\x13\x46indMissingResponse\x12\x19\n\x11missing_shard_ids\x18\x01 \x03(\t\x12\x18\n\x10missing_blob_ids\x18\x02 \x03(\t\x12\x15\n\rindex_entries\x18\x03 \x03(\x0c\"\"\n\x0fPutIndexRequest\x12\x0f\n\x07\x65ntries\x18\x01 \x03(\x0c\"#\n\x10PutIndexResponse\x12\x0f\n\x07written\x18\x01 \x01(\r\"t\n\x0bUploadChunk\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.shardstore.v1.ObjectKind\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x12\n\ntotal_size\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"\\\n\x15UploadObjectsResponse\x12\x15\n\rcommitted_ids\x18\x01 \x03(\t\x12\x14\n\x0c\x65xisting_ids\x18\x02 \x03(\t\x12\x16\n\x0ereceived_bytes\x18\x03 \x01(\x04\"&\n\x12PutManifestRequest\x12\x10\n\x08manifest\x18\x01 \x01(\x0c\";\n\x13PutManifestResponse\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t\x12\x0f\n\x07written\x18\x02 \x01(\x08\"{\n\rSetRefRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bmanifest_id\x18\x03 \x01(\t\x12!\n\x14\x65xpected_manifest_id\x18\x04 \x01(\tH\x00\x88\x01\x01\x42\x17\n\x15_expected_manifest_id\".\n\x0eSetRefResponse\x12\x1c\n\x14previous_manifest_id\x18\x01 \x01(\t\"&\n\x0fListRefsRequest\x12\x13\n\x0bname_prefix\x18\x01 \x01(\t\":\n\x08RefEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\x12\x13\n\x0bmanifest_id\x18\x03 \x01(\t\"9\n\x10ListRefsResponse\x12%\n\x04refs\x18\x01 \x03(\x0b\x32\x17.shardstore.v1.RefEntry\"-\n\x10\x44\x65leteRefRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03tag\x18\x02 \x01(\t\"(\n\x11\x44\x65leteRefResponse\x12\x13\n\x0bmanifest_id\x18\x01 \x01(\t*V\n\nObjectKind\x12\x1b\n\x17OBJECT_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11OBJECT_KIND_SHARD\x10\x01\x12\x14\n\x10OBJECT_KIND_BLOB\x10\x02\x32\xde\x07\n\x08Registry\x12Q\n\nResolveRef\x12 .shardstore.v1.ResolveRefRequest\x1a!.shardstore.v1.ResolveRefResponse\x12T\n\x0bGetManifest\x12!.shardstore.v1.GetManifestRequest\x1a\".shardstore.v1.GetManifestResponse\x12\x46\n\x07GetBlob\x12\x1d.shardstore.v1.GetBlobRequest\x1a\x1a.shardstore.v1.ObjectChunk0\x01\x12P\n\x0cStreamShards\x12\".shardstore.v1.StreamShardsRequest\x1a\x1a.shardstore.v1.ObjectChunk0\x01\x12]\n\x0eSignObjectUrls\x12$.shardstore.v1.SignObjectUrlsRequest\x1a%.shardstore.v1.SignObjectUrlsResponse\x12T\n\x0b\x46indMissing\x12!.shardstore.v1.FindMissingRequest\x1a\".shardstore.v1.FindMissingResponse\x12S\n\rUploadObjects\x12\x1a.shardstore.v1.UploadChunk\x1a$.shardstore.v1.UploadObjectsResponse(\x01\x12T\n\x0bPutManifest\x12!.shardstore.v1.PutManifestRequest\x1a\".shardstore.v1.PutManifestResponse\x12K\n\x08PutIndex\x12\x1e.shardstore.v1.PutIndexRequest\x1a\x1f.shardstore.v1.PutIndexResponse\x12\x45\n\x06SetRef\x12\x1c.shardstore.v1.SetRefRequest\x1a\x1d.shardstore.v1.SetRefResponse\x12K\n\x08ListRefs\x12\x1e.shardstore.v1.ListRefsRequest\x1a\x1f.shardstore.v1.ListRefsResponse\x12N\n\tDeleteRef\x12\x1f.shardstore.v1.DeleteRefRequest\x1a .shardstore.v1.DeleteRefResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'shardstore.v1.registry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OBJECTKIND']._serialized_start=1508
-  _globals['_OBJECTKIND']._serialized_end=1594
+  _globals['_OBJECTKIND']._serialized_start=1549
+  _globals['_OBJECTKIND']._serialized_end=1635
   _globals['_RESOLVEREFREQUEST']._serialized_start=47
   _globals['_RESOLVEREFREQUEST']._serialized_end=93
   _globals['_RESOLVEREFRESPONSE']._serialized_start=95
@@ -53,35 +53,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNOBJECTURLSRESPONSE']._serialized_start=455
   _globals['_SIGNOBJECTURLSRESPONSE']._serialized_end=521
   _globals['_FINDMISSINGREQUEST']._serialized_start=523
-  _globals['_FINDMISSINGREQUEST']._serialized_end=600
-  _globals['_FINDMISSINGRESPONSE']._serialized_start=602
-  _globals['_FINDMISSINGRESPONSE']._serialized_end=699
-  _globals['_PUTINDEXREQUEST']._serialized_start=701
-  _globals['_PUTINDEXREQUEST']._serialized_end=735
-  _globals['_PUTINDEXRESPONSE']._serialized_start=737
-  _globals['_PUTINDEXRESPONSE']._serialized_end=772
-  _globals['_UPLOADCHUNK']._serialized_start=774
-  _globals['_UPLOADCHUNK']._serialized_end=890
-  _globals['_UPLOADOBJECTSRESPONSE']._serialized_start=892
-  _globals['_UPLOADOBJECTSRESPONSE']._serialized_end=984
-  _globals['_PUTMANIFESTREQUEST']._serialized_start=986
-  _globals['_PUTMANIFESTREQUEST']._serialized_end=1024
-  _globals['_PUTMANIFESTRESPONSE']._serialized_start=1026
-  _globals['_PUTMANIFESTRESPONSE']._serialized_end=1085
-  _globals['_SETREFREQUEST']._serialized_start=1087
-  _globals['_SETREFREQUEST']._serialized_end=1210
-  _globals['_SETREFRESPONSE']._serialized_start=1212
-  _globals['_SETREFRESPONSE']._serialized_end=1258
-  _globals['_LISTREFSREQUEST']._serialized_start=1260
-  _globals['_LISTREFSREQUEST']._serialized_end=1298
-  _globals['_REFENTRY']._serialized_start=1300
-  _globals['_REFENTRY']._serialized_end=1358
-  _globals['_LISTREFSRESPONSE']._serialized_start=1360
-  _globals['_LISTREFSRESPONSE']._serialized_end=1417
-  _globals['_DELETEREFREQUEST']._serialized_start=1419
-  _globals['_DELETEREFREQUEST']._serialized_end=1464
-  _globals['_DELETEREFRESPONSE']._serialized_start=1466
-  _globals['_DELETEREFRESPONSE']._serialized_end=1506
-  _globals['_REGISTRY']._serialized_start=1597
-  _globals['_REGISTRY']._serialized_end=2587
+  _globals['_FINDMISSINGREQUEST']._serialized_end=641
+  _globals['_FINDMISSINGRESPONSE']._serialized_start=643
+  _globals['_FINDMISSINGRESPONSE']._serialized_end=740
+  _globals['_PUTINDEXREQUEST']._serialized_start=742
+  _globals['_PUTINDEXREQUEST']._serialized_end=776
+  _globals['_PUTINDEXRESPONSE']._serialized_start=778
+  _globals['_PUTINDEXRESPONSE']._serialized_end=813
+  _globals['_UPLOADCHUNK']._serialized_start=815
+  _globals['_UPLOADCHUNK']._serialized_end=931
+  _globals['_UPLOADOBJECTSRESPONSE']._serialized_start=933
+  _globals['_UPLOADOBJECTSRESPONSE']._serialized_end=1025
+  _globals['_PUTMANIFESTREQUEST']._serialized_start=1027
+  _globals['_PUTMANIFESTREQUEST']._serialized_end=1065
+  _globals['_PUTMANIFESTRESPONSE']._serialized_start=1067
+  _globals['_PUTMANIFESTRESPONSE']._serialized_end=1126
+  _globals['_SETREFREQUEST']._serialized_start=1128
+  _globals['_SETREFREQUEST']._serialized_end=1251
+  _globals['_SETREFRESPONSE']._serialized_start=1253
+  _globals['_SETREFRESPONSE']._serialized_end=1299
+  _globals['_LISTREFSREQUEST']._serialized_start=1301
+  _globals['_LISTREFSREQUEST']._serialized_end=1339
+  _globals['_REFENTRY']._serialized_start=1341
+  _globals['_REFENTRY']._serialized_end=1399
+  _globals['_LISTREFSRESPONSE']._serialized_start=1401
+  _globals['_LISTREFSRESPONSE']._serialized_end=1458
+  _globals['_DELETEREFREQUEST']._serialized_start=1460
+  _globals['_DELETEREFREQUEST']._serialized_end=1505
+  _globals['_DELETEREFRESPONSE']._serialized_start=1507
+  _globals['_DELETEREFRESPONSE']._serialized_end=1547
+  _globals['_REGISTRY']._serialized_start=1638
+  _globals['_REGISTRY']._serialized_end=2628
 # @@protoc_insertion_point(module_scope)

@@ -84,14 +84,18 @@ class SignObjectUrlsResponse(_message.Message):
     def __init__(self, urls: _Optional[_Iterable[str]] = ..., expires_in_seconds: _Optional[int] = ...) -> None: ...
 
 class FindMissingRequest(_message.Message):
-    __slots__ = ("shard_ids", "blob_ids", "index_keys")
+    __slots__ = ("shard_ids", "blob_ids", "index_keys", "shard_sizes", "blob_sizes")
     SHARD_IDS_FIELD_NUMBER: _ClassVar[int]
     BLOB_IDS_FIELD_NUMBER: _ClassVar[int]
     INDEX_KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_SIZES_FIELD_NUMBER: _ClassVar[int]
+    BLOB_SIZES_FIELD_NUMBER: _ClassVar[int]
     shard_ids: _containers.RepeatedScalarFieldContainer[str]
     blob_ids: _containers.RepeatedScalarFieldContainer[str]
     index_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, shard_ids: _Optional[_Iterable[str]] = ..., blob_ids: _Optional[_Iterable[str]] = ..., index_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    shard_sizes: _containers.RepeatedScalarFieldContainer[int]
+    blob_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, shard_ids: _Optional[_Iterable[str]] = ..., blob_ids: _Optional[_Iterable[str]] = ..., index_keys: _Optional[_Iterable[str]] = ..., shard_sizes: _Optional[_Iterable[int]] = ..., blob_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FindMissingResponse(_message.Message):
     __slots__ = ("missing_shard_ids", "missing_blob_ids", "index_entries")
