@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from rpc.grpc_helpers import SMALL_CHUNK, write_small_model
 
 import shardstore
+from rpc.grpc_helpers import SMALL_CHUNK, write_small_model
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository, shard_key
 from shardstore.rpc.background import BackgroundServer
