@@ -115,12 +115,22 @@ class Lease:
         self.created = time.time()
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._held_until = 0.0  # the expiry of the last lease actually written
+        self.lapsed_at: float | None = None  # when the written lease ran out while still held
 
     def _write(self) -> None:
-        self.store.put(self.key, _lease_document(self.kind, self.created, time.time() + self.ttl, self.note))
+        expires = time.time() + self.ttl
+        self.store.put(self.key, _lease_document(self.kind, self.created, expires, self.note))
+        self._held_until = expires  # held only once written
+
+    def _check_lapse(self) -> None:
+        now = time.time()
+        if self.lapsed_at is None and now >= self._held_until:
+            self.lapsed_at = self._held_until
 
     def _renew_until_released(self) -> None:
         while not self._stop.wait(self.ttl / 3):
+            self._check_lapse()
             with contextlib.suppress(ShardstoreError):
                 self._write()  # a failed renewal is retried at the next tick, well before expiry
 
@@ -141,8 +151,15 @@ class Lease:
     def __enter__(self) -> Lease:
         return self.acquire()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self._check_lapse()
         self.release()
+        if exc_type is None and self.lapsed_at is not None:
+            # Renewals failed until the lease ran out: a gc in that window saw no push and may have
+            # deleted objects this push found stored and skipped. Say so rather than report success.
+            raise StoreError(f"{self.kind} lease {self.key} could not be renewed and lapsed for a while "
+                             f"(store {self.store.url}); a gc may have removed objects it relied on: run "
+                             "`shardstore verify` and push again")
 
 
 def wait_for_gc(store: Store, *, timeout: float = DEFAULT_GC_WAIT_S, sleep: Callable[[float], None] = time.sleep

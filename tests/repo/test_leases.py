@@ -103,3 +103,17 @@ def test_gc_keeps_the_objects_of_a_recent_manifest_whose_ref_is_not_written_yet(
     assert report.deleted == 0 and all(store.exists(key) for key in objects)
     age_everything(store)
     assert collect(Repository(store)).deleted == len(set(objects))
+
+
+def test_a_push_whose_lease_lapsed_because_renewals_failed_says_so(tmp_path: Path) -> None:
+    store = FailingLeaseDisk(tmp_path / "store")
+    ttl = 0.6
+    with pytest.raises(StoreError, match="could not be renewed and lapsed"), \
+            Lease(store, "push", ttl=ttl, note="push m:v1"):
+        store.failing = True  # the renewals fail...
+        time.sleep(2 * ttl)  # ...past the written lease's expiry: a gc now would see no push
+        store.failing = False
+    held = Lease(store, "push", ttl=ttl)
+    with held:  # renewals that work: no complaint
+        time.sleep(2 * ttl)
+    assert held.lapsed_at is None and list_leases(store) == []
