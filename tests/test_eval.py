@@ -96,6 +96,10 @@ def test_lossless_push_evaluates_as_the_original(minilm_dir: Path, tmp_path: Pat
 
 def test_eval_errors_are_one_line(minilm_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
+    no_store = _cli("eval", "nosuch:tag", store=store)
+    assert no_store.returncode == 1 and no_store.stderr.count("\n") == 1
+    assert f"{store} does not exist" in no_store.stderr
+    store.mkdir()
     missing = _cli("eval", "nosuch:tag", store=store)
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "nosuch" in missing.stderr
     both = _cli("eval", "a:b", "--against", "c:d", "--original", str(minilm_dir), store=store)

@@ -31,11 +31,14 @@ def test_push_pull_is_byte_identical(
     assert tree_snapshot(tmp_path / "out") == tree_snapshot(model)  # every file, every byte
 
 
-def test_second_push_uploads_nothing(minilm_dir: Path, local_store: LocalStore) -> None:
+def test_second_push_uploads_nothing(minilm_dir: Path, local_store: LocalStore,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     first = shardstore.push(minilm_dir, "minilm:v1", store=local_store)
     again = shardstore.push(minilm_dir, "minilm:v1", store=local_store)
     assert again.manifest_id == first.manifest_id
     assert again.uploaded_bytes == 0 and again.shards_uploaded == 0 and again.blobs_uploaded == 0
+    # Another creation time than the first push's, even when both fall in the same second.
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     renamed = shardstore.push(minilm_dir, "other/name:v9", store=local_store)
     # The same model under another name is the same objects; only its manifest (its own "created") is new.
     manifest_bytes = len(local_store.get(f"manifests/{renamed.manifest_id}.json"))
