@@ -361,6 +361,11 @@ class GrpcClient:
             for record in manifest.files:
                 self._expected_sizes.setdefault(record.header, (_HEADER_BLOB_LIMIT, False))
 
+    def _size_limit(self, object_id: str) -> int:
+        """The most bytes ``object_id`` may have: its manifest's size, else a cap."""
+        with self._lock:
+            return self._expected_sizes.get(object_id, (MAX_OBJECT_BYTES, False))[0]
+
     def _bound(self, label: str, object_id: str, declared: int, received: int) -> None:
         """Refuse a stream that declares or sends more than the object may have (exact when a manifest said)."""
         with self._lock:
@@ -454,7 +459,7 @@ class GrpcClient:
                 return left + shard_ids[start:]
             failed_before = fetcher.figures.failed
             got = 0
-            for shard_id, data in fetcher.get_many(zip(batch, urls, strict=True)):
+            for shard_id, data in fetcher.get_many(zip(batch, urls, strict=True), limit_of=self._size_limit):
                 if data is None:
                     left.append(shard_id)
                     continue
@@ -499,10 +504,11 @@ class GrpcClient:
         """A blob from the mirror or a signed URL, verified; None to fetch it through the server."""
         data = None
         if self._mirror_http is not None:
-            data = self._mirror_http.get(blob_id, f"{self.mirror}/v1/blobs/{blob_id}", "blob")
+            data = self._mirror_http.get(blob_id, f"{self.mirror}/v1/blobs/{blob_id}", "blob",
+                                         self._size_limit(blob_id))
         if data is None and self._signed_http is not None and self._can_sign:
             urls = self._sign(pb.OBJECT_KIND_BLOB, [blob_id])
-            data = self._signed_http.get(blob_id, urls[0], "blob") if urls else None
+            data = self._signed_http.get(blob_id, urls[0], "blob", self._size_limit(blob_id)) if urls else None
         if data is not None:
             self._count(len(data))
         return data

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -77,19 +77,40 @@ class HttpObjectFetcher:
         self.figures = HttpFigures()
         self._lock = threading.Lock()
 
-    def get(self, object_id: str, url: str, what: str = "object") -> bytes | None:
-        """The bytes at ``url`` if they match ``object_id``; None (logged) when the request fails or they don't."""
+    def get(self, object_id: str, url: str, what: str = "object", limit: int | None = None) -> bytes | None:
+        """The bytes at ``url`` if they match ``object_id``; None (logged) when the request fails or they don't.
+
+        ``limit``: the most bytes the object may have (from its manifest); a longer body is cut off and
+        refused as it arrives, so an endless or oversized answer costs at most ``limit`` bytes of memory.
+        """
         try:
-            response = self._pool.request("GET", url, headers=self._headers, preload_content=True)
+            response = self._pool.request("GET", url, headers=self._headers, preload_content=False)
         except urllib3.exceptions.HTTPError as exc:
             self._note_failure(f"{what} {object_id} from {redacted(url)}: {type(exc).__name__}; "
                                "fetching it from the server", failed=True)
             return None
-        if response.status != 200:
-            self._note_failure(f"{what} {object_id} from {redacted(url)}: HTTP {response.status}; "
-                               "fetching it from the server", failed=True, quiet=response.status == 404)
+        try:
+            if response.status != 200:
+                self._note_failure(f"{what} {object_id} from {redacted(url)}: HTTP {response.status}; "
+                                   "fetching it from the server", failed=True, quiet=response.status == 404)
+                return None
+            parts: list[bytes] = []
+            received = 0
+            for piece in response.stream(1 << 20):
+                received += len(piece)
+                if limit is not None and received > limit:
+                    response.close()  # drop the connection: reading the rest could take forever
+                    self._note_failure(f"{what} {object_id} from {redacted(url)}: more than its {limit} bytes; "
+                                       "refused, fetching it from the server", failed=False)
+                    return None
+                parts.append(piece)
+        except urllib3.exceptions.HTTPError as exc:
+            self._note_failure(f"{what} {object_id} from {redacted(url)}: {type(exc).__name__}; "
+                               "fetching it from the server", failed=True)
             return None
-        data = bytes(response.data)
+        finally:
+            response.release_conn()
+        data = b"".join(parts)
         if digest(data) != object_id:
             self._note_failure(f"{what} {object_id} from {redacted(url)}: bytes do not match its id; refused, "
                                "fetching it from the server", failed=False)
@@ -99,10 +120,13 @@ class HttpObjectFetcher:
             self.figures.bytes += len(data)
         return data
 
-    def get_many(self, items: Iterable[tuple[str, str]], what: str = "shard") -> Iterator[tuple[str, bytes | None]]:
+    def get_many(self, items: Iterable[tuple[str, str]], what: str = "shard",
+                 limit_of: Callable[[str], int | None] | None = None) -> Iterator[tuple[str, bytes | None]]:
         """``(id, bytes or None)`` for each ``(id, url)``, in order, ``concurrency`` requests in flight."""
-        yield from ordered_map(lambda item: (item[0], self.get(item[0], item[1], what)), items, self.concurrency,
-                               window=self.concurrency)
+        def one(item: tuple[str, str]) -> tuple[str, bytes | None]:
+            return item[0], self.get(item[0], item[1], what, limit_of(item[0]) if limit_of else None)
+
+        yield from ordered_map(one, items, self.concurrency, window=self.concurrency)
 
     def _note_failure(self, message: str, *, failed: bool, quiet: bool = False) -> None:
         with self._lock:

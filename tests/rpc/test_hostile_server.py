@@ -121,3 +121,60 @@ def test_an_endless_or_oversized_stream_fails_in_one_line_within_bounded_memory(
     assert outcome["growth_mib"] < RSS_BOUND_MIB, outcome
     assert outcome["code"] == 1 and len(error_lines) == 1, child.stderr
     assert f"{kind} {target}" in error_lines[0] and "refused" in error_lines[0], error_lines[0]
+
+
+class _EndlessMirror:
+    """An HTTP mirror that answers every object GET with an endless body (no Content-Length), counting what it sent."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        mirror = self
+        self.sent = 0
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # the body ends when the connection does: here, never
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                mirror.requests += 1
+                self.send_response(200)
+                self.end_headers()
+                filler = b"\xab" * PIECE
+                try:
+                    while mirror.sent < FLOOD:
+                        self.wfile.write(filler)
+                        mirror.sent += len(filler)
+                except OSError:
+                    return  # the client hung up: what a bounded client does
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_endless_mirror_body_is_cut_off_and_the_server_serves_instead(pushed: tuple[Repository, Path],
+                                                                        tmp_path: Path) -> None:
+    from shardstore.rpc.background import BackgroundServer
+
+    repo, model = pushed
+    mirror = _EndlessMirror()
+    try:
+        with BackgroundServer(repo.store) as server:
+            shardstore.pull(f"grpc://{server.address}/m:v1", tmp_path / "out", cache=tmp_path / "cache",
+                            mirror=mirror.url)
+    finally:
+        mirror.close()
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    # Each refused body was read only to just past its object's size: the client holds at most that plus one
+    # piece; what the mirror got out besides sits in the kernel's socket buffers (a few MiB per request).
+    assert mirror.requests > 0 and mirror.sent / mirror.requests < 16 << 20, (mirror.sent, mirror.requests)
