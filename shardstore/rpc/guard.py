@@ -64,7 +64,9 @@ class CallLimits:
     # past this many the oldest is dropped, so newcomers (who send at once) always get in.
     max_waiting: int = 1024
     # A client sends its request right after the headers; one that has not after this long never will.
-    first_message_timeout: float = 10.0
+    # Generous: the whole first message must be in (a large manifest over a slow link takes seconds),
+    # and a stalled call costs no slot meanwhile, so waiting longer is cheap.
+    first_message_timeout: float = 30.0
     # Between two messages of a streamed request (uploads); like the client's idle timeout.
     receive_timeout: float | None = 60.0
 
