@@ -3,30 +3,16 @@ anywhere on the line."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_json as ok
+from helpers import run_cli as run
 from helpers import tree_snapshot
 from rpc.grpc_helpers import write_small_model
 from safetensors import safe_open
-
-
-def run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardstore", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def ok(*args: str | Path, env: dict[str, str]) -> dict[str, object]:
-    result = run(*args, "--json", env=env)
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)
-    assert isinstance(figures, dict)
-    return figures
 
 
 @pytest.fixture

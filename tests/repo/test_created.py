@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli_json as ok
+from helpers import run_cli as run
 from rpc.grpc_helpers import write_small_model
 
 from shardstore.errors import FormatError
@@ -18,19 +20,6 @@ from shardstore.format.digest import digest
 from shardstore.format.manifest import parse_manifest
 
 EPOCH = 1_000_000_000  # 2001-09-09 01:46:40 UTC
-
-
-def run(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shardstore", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def ok(*args: str | Path, env: dict[str, str]) -> dict[str, object]:
-    result = run(*args, "--json", env=env)
-    assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)
-    assert isinstance(figures, dict)
-    return figures
 
 
 @pytest.fixture
