@@ -10,7 +10,8 @@ row runs ``--repeats`` times, interleaved with the others, and its best time is 
 * ``state_dict``: ``shardstore.open(name:tag).state_dict()`` from a local store, with all
   threads, with 1 thread, and with the integrity checks switched off (a bench-only switch);
 * ``load_file``: ``safetensors.torch.load_file`` of the original files (page cache);
-* ``pull`` to a folder vs ``zstd -d -T2`` of ``zstd -3`` copies of the same files;
+* ``pull`` to a folder vs ``zstd -d -T2`` of ``zstd -3`` copies of the same files, as is and with
+  each output file fsynced (pull fsyncs every file before renaming it into place);
 * gRPC, the server in this process: ``pull grpc://`` with a cold client cache (cache on) vs a
   plain grpcio byte stream of the raw files (1 MiB messages, no checks, no cache, into
   memory), on loopback and paced to 1 and 2.5 Gbit/s.
@@ -346,12 +347,18 @@ def run(args: argparse.Namespace, root: Path, threads: int) -> int:
         subprocess.run(["zstd", "-q", "-3", "-T2", str(path), "-o", str(zstd_dir / (path.name + ".zst"))], check=True)
     zstd_bytes = sum(p.stat().st_size for p in zstd_dir.iterdir())
 
-    def zstd_d() -> None:
+    def zstd_d(durable: bool = False) -> None:
         out = root / "unzstd"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         for path in sorted(zstd_dir.iterdir()):
             subprocess.run(["zstd", "-q", "-d", "-T2", str(path), "-o", str(out / path.stem)], check=True)
+            if durable:  # as pull does: every file it writes is fsynced before it is renamed into place
+                fd = os.open(out / path.stem, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
     def pull_local() -> None:
         out = root / "pulled"
@@ -366,6 +373,7 @@ def run(args: argparse.Namespace, root: Path, threads: int) -> int:
         "load_file": load_file_peer(model),
         "pull to folder": pull_local,
         "zstd -d -T2": zstd_d,
+        "zstd -d -T2, fsync": lambda: zstd_d(durable=True),
     }
     zipnn = zipnn_peer(model, threads)
     if zipnn is not None:
@@ -389,8 +397,11 @@ def run(args: argparse.Namespace, root: Path, threads: int) -> int:
     row("state_dict 1 thread", f"{threads}-thread speedup {best['state_dict 1 thread'] / sd:.2f} x")
     row("state_dict, checks off", f"checks cost {100 * (sd - best['state_dict, checks off']) / sd:.1f} % of state_dict")
     row("load_file")
-    row("pull to folder", f"{best['pull to folder'] / best['zstd -d -T2']:.2f} x the time of zstd -d -T2")
+    pulled = best["pull to folder"]
+    row("pull to folder", f"{pulled / best['zstd -d -T2']:.2f} x the time of zstd -d -T2, "
+                          f"{pulled / best['zstd -d -T2, fsync']:.2f} x with fsync")
     row("zstd -d -T2", f"zstd -3 copy: {zstd_bytes / 1e6:.0f} MB")
+    row("zstd -d -T2, fsync", "each output file fsynced, as pull does")
 
     if not args.skip_grpc:
         grpc_rows(root, store, files, mb, args.repeats, threads)
