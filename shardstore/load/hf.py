@@ -155,7 +155,8 @@ def _dtype(dtype: Any, config: Any, view: ModelView) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype is None or dtype == "auto":
-        configured = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        # transformers 5 names it ``dtype`` and warns on every read of ``torch_dtype``; older ones have only the latter.
+        configured = config.dtype if hasattr(config, "dtype") else getattr(config, "torch_dtype", None)
         if isinstance(configured, torch.dtype):
             return configured
         if isinstance(configured, str) and isinstance(getattr(torch, configured, None), torch.dtype):
