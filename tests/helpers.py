@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def tree_snapshot(root: Path) -> dict[str, bytes]:
@@ -34,3 +38,27 @@ def cli_json(*args: str | Path, env: dict[str, str]) -> dict[str, object]:
     figures = json.loads(result.stdout)
     assert isinstance(figures, dict)
     return figures
+
+
+@contextmanager
+def serve_from_env(env: dict[str, str], log: Path) -> Iterator[dict[str, Any]]:
+    """``shardstore serve --json`` set up by ``env`` alone (as a container is); yields its ready line's figures.
+
+    Its stderr goes to ``log``. Stopped with SIGTERM on exit, and checked to exit 0.
+    """
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "shardstore", "serve", "--json"], stdout=subprocess.PIPE,
+                                   stderr=stderr, text=True, env=env)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line, f"server did not start: {log.read_text()}"
+        ready = json.loads(line)
+        assert isinstance(ready, dict)
+        yield ready
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -13,11 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ import boto3
 import pytest
 import yaml
 from cryptography import x509
+from helpers import serve_from_env as serve
 from helpers import tree_snapshot
 
 from shardstore.rpc import is_tls_url, split_grpc_url
@@ -62,24 +60,6 @@ def environment_of(service: dict[str, Any], paths: Paths) -> dict[str, str]:
 
 def base_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("SHARDSTORE_", "AWS_"))}
-
-
-@contextmanager
-def serve(env: dict[str, str], log: Path) -> Iterator[dict[str, Any]]:
-    with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "shardstore", "serve", "--json"], stdout=subprocess.PIPE,
-                                   stderr=stderr, text=True, env=env)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line, f"server did not start: {log.read_text()}"
-        yield json.loads(line)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0, log.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import tree_snapshot
+from helpers import serve_from_env, tree_snapshot
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardstore.repo.refs import parse_ref
@@ -28,7 +27,6 @@ from shardstore.rpc.client import GrpcClient
 
 @dataclass
 class ServerProcess:
-    process: subprocess.Popen[str]
     address: str
     metrics_address: str
     log: Path
@@ -51,21 +49,8 @@ def shardstore(*args: str | Path, env: dict[str, str]) -> dict[str, object]:
 
 @contextmanager
 def serve(env: dict[str, str], log: Path) -> Iterator[ServerProcess]:
-    with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "shardstore", "serve", "--json"], stdout=subprocess.PIPE,
-                                   stderr=stderr, text=True, env=env)
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line, f"server did not start: {log.read_text()}"
-        ready = json.loads(line)
-        yield ServerProcess(process, ready["address"], ready["metrics_address"], log)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0, log.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    with serve_from_env(env, log) as ready:
+        yield ServerProcess(ready["address"], ready["metrics_address"], log)
 
 
 def test_two_servers_on_one_s3_endpoint_serve_the_same_model(
