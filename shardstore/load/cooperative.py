@@ -39,7 +39,7 @@ from shardstore.errors import InvalidInputError
 from shardstore.format.digest import digest
 from shardstore.format.manifest import Manifest, PieceRef
 from shardstore.format.shard import parse_shard
-from shardstore.load.pipeline import PipelineStats, Placement, _Sink, _sink_for, _write
+from shardstore.load.pipeline import PipelineStats, Placement, _allocate, _finish, _Sink, _write
 from shardstore.load.tensor_parallel import Cut
 from shardstore.repo.pieces import ShardLookup
 from shardstore.repo.pool import ordered_map
@@ -176,12 +176,7 @@ def run_cooperative(source: ModelSource, manifest: Manifest, placements: Sequenc
     coop.shards_needed = sum(1 for s in shards if rank in needers[s])
 
     stats = PipelineStats()
-    sinks: dict[str, _Sink] = {}
-    for placement in placements:
-        if placement.device not in sinks:
-            sinks[placement.device] = _sink_for(placement.device, placements, threads)
-        sinks[placement.device].allocate(placement)
-        stats.bytes_by_device[placement.device] = stats.bytes_by_device.get(placement.device, 0) + placement.nbytes
+    sinks = _allocate(placements, threads, stats)
 
     device = _exchange_device(group)
     for shard_round in _rounds(shards, items, owner):
@@ -189,11 +184,7 @@ def run_cooperative(source: ModelSource, manifest: Manifest, placements: Sequenc
         _exchange_round(source, shard_round, items, owner, rank, world, sinks, lookup, threads, group, device, coop,
                         stats, progress)
     stats.pieces = sum(1 for group_items in items.values() for i in group_items if i.rank == rank)
-    for sink in sinks.values():
-        sink.finish(stats)
-    tensors = {p.name: t for p in placements if (t := sinks[p.device].tensor(p)) is not None}
-    stats.seconds = time.perf_counter() - started
-    return tensors, stats, coop
+    return _finish(placements, sinks, stats, started), stats, coop
 
 
 def _exchange_device(group: Any) -> torch.device:

@@ -270,12 +270,7 @@ def run_pipeline(source: ShardSource, placements: Sequence[Placement], *, lookup
     """
     started = time.perf_counter()
     stats = PipelineStats()
-    sinks = dict(sinks or {})
-    for placement in placements:
-        if placement.device not in sinks:
-            sinks[placement.device] = _sink_for(placement.device, placements, threads)
-        sinks[placement.device].allocate(placement)
-        stats.bytes_by_device[placement.device] = stats.bytes_by_device.get(placement.device, 0) + placement.nbytes
+    sinks = _allocate(placements, threads, stats, sinks)
 
     work: dict[str, list[tuple[Placement, PieceRef]]] = {}
     for placement in placements:
@@ -293,8 +288,26 @@ def run_pipeline(source: ShardSource, placements: Sequence[Placement], *, lookup
         if progress is not None:
             progress(written)
     stats.pieces = sum(len(items) for items in work.values())
+    return _finish(placements, sinks, stats, started), stats
+
+
+def _allocate(placements: Sequence[Placement], threads: int, stats: PipelineStats,
+              sinks: Mapping[str, _Sink] | None = None) -> dict[str, _Sink]:
+    """Every placement's buffer, in its device's sink (``sinks`` first, else the device's own), counted in ``stats``."""
+    chosen = dict(sinks or {})
+    for placement in placements:
+        if placement.device not in chosen:
+            chosen[placement.device] = _sink_for(placement.device, placements, threads)
+        chosen[placement.device].allocate(placement)
+        stats.bytes_by_device[placement.device] = stats.bytes_by_device.get(placement.device, 0) + placement.nbytes
+    return chosen
+
+
+def _finish(placements: Sequence[Placement], sinks: Mapping[str, _Sink], stats: PipelineStats,
+            started: float) -> dict[str, torch.Tensor]:
+    """Let every sink finish (copies to devices, files closed); the tensors by name, and the time in ``stats``."""
     for sink in sinks.values():
         sink.finish(stats)
     tensors = {p.name: t for p in placements if (t := sinks[p.device].tensor(p)) is not None}
     stats.seconds = time.perf_counter() - started
-    return tensors, stats
+    return tensors
