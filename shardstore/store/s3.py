@@ -172,17 +172,7 @@ class S3Store(FsspecStore):
         super().delete(key)
 
     def exists(self, key: str) -> bool:
-        try:
-            self._info(key)
-        except FileNotFoundError:
-            if not self._bucket_checked:
-                if not self._bucket_exists():
-                    raise self._fail(key, "look up", FileNotFoundError(self.bucket)) from None
-                self._bucket_checked = True
-            return False
-        except OSError as exc:
-            raise self._fail(key, "look up", exc) from None
-        return True
+        return self.stored_size(key) is not None
 
     def root_exists(self) -> bool:
         return self._bucket_exists()
