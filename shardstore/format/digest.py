@@ -55,6 +55,21 @@ def matches(data: bytes | bytearray | memoryview, object_id: str) -> bool:
     return not _bench_checks or digest(data) == object_id
 
 
+class IdHasher:
+    """The id of bytes fed in parts (:meth:`update`), for a reader that hashes as it reads."""
+
+    def __init__(self) -> None:
+        self._hasher = blake3.blake3(max_threads=1)  # parts are small; the readers run in parallel already
+
+    def update(self, part: bytes | bytearray | memoryview) -> None:
+        if _bench_checks:
+            self._hasher.update(part)
+
+    def matches(self, object_id: str) -> bool:
+        """Whether the bytes fed are the object named ``object_id``."""
+        return not _bench_checks or str(self._hasher.hexdigest()) == object_id
+
+
 def stream_matches(data: bytes | bytearray | memoryview, checksum: str, algorithm: str) -> bool:
     return not _bench_checks or stream_checksum(data, algorithm) == checksum
 

@@ -32,7 +32,7 @@ from shardstore.errors import (
     ShardstoreError,
     StoreMissingError,
 )
-from shardstore.format.digest import check_object_id, digest, matches
+from shardstore.format.digest import IdHasher, check_object_id, digest, matches
 from shardstore.format.manifest import Manifest, parse_manifest
 from shardstore.format.shard import StreamHeader, parse_shard_head, read_stream_headers, shard_head_length
 from shardstore.format.store_config import (
@@ -48,6 +48,7 @@ from shardstore.repo.leases import push_lease
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.refs import Ref, parse_ref, ref_from_key
 from shardstore.repo.registry import ModelSource as ModelSource  # also importable from here, as it used to be
+from shardstore.repo.registry import ShardData
 from shardstore.store.base import Store
 
 # A not-found error lists at most this many of the name's tags.
@@ -243,12 +244,22 @@ class Repository:
         self._count(len(head))
         return parse_shard_head(head, shard_id, size)
 
-    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, ShardData]]:
         # Reading and checking a shard is a core's work on a local disk and a round trip on an
         # object store: keep as many in flight as there are cores, or as the store wants if more,
         # still yielding in order so the consumer's memory stays bounded.
         workers = max(self.concurrency, default_threads())
-        yield from ordered_map(lambda s: (s, self.get_shard_bytes(s)), dict.fromkeys(shard_ids), workers)
+        yield from ordered_map(lambda s: (s, self._read_shard(s)), dict.fromkeys(shard_ids), workers)
+
+    def _read_shard(self, shard_id: str) -> ShardData:
+        """A shard for the load path, hashed as it is read, into a buffer the store may reuse once it is dropped."""
+        self.check_readable()
+        hasher = IdHasher()
+        data = self.store.get_buffer(shard_key(check_object_id(shard_id, "shard id")), hasher.update)
+        self._count(len(data))
+        if not hasher.matches(shard_id):
+            raise IntegrityError(f"shard {shard_id}: content does not match its id (corrupt or truncated)")
+        return data
 
     def has_shard(self, shard_id: str) -> bool:
         return self.store.exists(shard_key(shard_id))

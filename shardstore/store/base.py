@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -70,6 +70,18 @@ class Store(ABC):
     @abstractmethod
     def get(self, key: str) -> bytes:
         """The whole object; raises NotFoundError when it does not exist."""
+
+    def get_buffer(self, key: str, see: Callable[[memoryview], object] | None = None) -> bytes | memoryview:
+        """The whole object, as :meth:`get`, for bulk reads that drop it soon (the load path).
+
+        A store may read it into a reused buffer (:mod:`shardstore.buffers`) and hands each
+        part to ``see`` as it arrives, so a hash runs over bytes still in the CPU's cache
+        rather than over the whole object again from memory. The default reads with :meth:`get`.
+        """
+        data = self.get(key)
+        if see is not None:
+            see(memoryview(data))
+        return data
 
     @abstractmethod
     def get_range(self, key: str, start: int, end: int) -> bytes:

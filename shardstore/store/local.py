@@ -12,14 +12,17 @@ import errno
 import fcntl
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from shardstore.buffers import READ_BUFFERS
 from shardstore.errors import NotFoundError, StoreError
 from shardstore.store.base import ObjectInfo, ObjectWriter, Store, check_key, copy_file
 
 _TMP_PREFIX = ".tmp-"
+# Bulk reads go in parts this size: small enough to still be in a core's L2 cache when hashed.
+_READ_PART = 1 << 20
 _LOCK_SUFFIX = ".lock"
 
 
@@ -46,6 +49,29 @@ class LocalStore(Store):
         path = self._path(key)
         try:
             return path.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"{key}: not in store {self.url}") from None
+        except OSError as exc:
+            raise StoreError(f"{key}: cannot read from {self.url}: {exc.strerror}") from None
+
+    def get_buffer(self, key: str, see: Callable[[memoryview], object] | None = None) -> bytes | memoryview:
+        # Read into a pooled buffer (no fresh pages to fault in) a part at a time, each part
+        # handed to ``see`` while it is still in the CPU's cache.
+        path = self._path(key)
+        try:
+            with path.open("rb", buffering=0) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                view = READ_BUFFERS.take(size)
+                filled = 0
+                while filled < size:
+                    got = handle.readinto(view[filled : filled + _READ_PART])
+                    if not got:  # shrank under us: what was read is all there is (the id check says so)
+                        view = view[:filled]
+                        break
+                    if see is not None:
+                        see(view[filled : filled + got])
+                    filled += got
+                return view
         except FileNotFoundError:
             raise NotFoundError(f"{key}: not in store {self.url}") from None
         except OSError as exc:

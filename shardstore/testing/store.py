@@ -110,6 +110,18 @@ class StoreTests:
         with pytest.raises(NotFoundError):
             store.get_range("shards/no/such", 0, 1)
 
+    def test_get_buffer_reads_the_object_and_shows_every_part_once(self, store: Store) -> None:
+        # Larger than one read part of the local store (1 MiB), not a multiple of it.
+        value = bytes(range(256)) * 10_000 + b"tail"
+        self.set_raw(store, "shards/cd/big", value)
+        parts: list[bytes] = []
+        data = store.get_buffer("shards/cd/big", lambda part: parts.append(bytes(part)))
+        assert bytes(data) == value
+        assert b"".join(parts) == value
+        assert bytes(store.get_buffer("shards/cd/big")) == value
+        with pytest.raises(NotFoundError):
+            store.get_buffer("shards/no/such")
+
     def test_get_range(self, store: Store) -> None:
         self.set_raw(store, "blobs/x", bytes(range(100)))
         assert store.get_range("blobs/x", 10, 20) == bytes(range(10, 20))
