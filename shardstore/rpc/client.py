@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from shardstore.buffers import READ_BUFFERS
 from shardstore.errors import FormatError, IntegrityError, InvalidInputError, StoreError
 from shardstore.format.digest import check_object_id, digest, matches
 from shardstore.format.manifest import Manifest, parse_manifest
@@ -437,7 +438,7 @@ class GrpcClient:
             # the shared workers, so the receive thread never waits on a hash or a disk.
             yield from ordered_map(self._accept, self._pipelined(remaining), default_threads())
 
-    def _accept(self, item: tuple[str, bytearray]) -> tuple[str, bytearray]:
+    def _accept(self, item: tuple[str, ShardData]) -> tuple[str, ShardData]:
         shard_id, data = item
         if not matches(data, shard_id):
             raise IntegrityError(f"shard {shard_id}: received bytes do not match its id; refused")
@@ -513,7 +514,7 @@ class GrpcClient:
             self._count(len(data))
         return data
 
-    def _pipelined(self, shard_ids: list[str]) -> Iterator[tuple[str, bytearray]]:
+    def _pipelined(self, shard_ids: list[str]) -> Iterator[tuple[str, ShardData]]:
         """Run :meth:`_receive` in a thread, handing shards over through a bounded queue."""
         handoff: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch_shards)
         stop = threading.Event()
@@ -556,7 +557,7 @@ class GrpcClient:
             worker.join(timeout=10)
 
     def _receive(self, shard_ids: list[str], stop: threading.Event, calls: list[grpc.Call]
-                 ) -> Iterator[tuple[str, bytearray]]:
+                 ) -> Iterator[tuple[str, ShardData]]:
         """Receive the shards' bytes, not yet checked: the receive thread only receives."""
         remaining = list(shard_ids)
         attempt = 0
@@ -565,7 +566,7 @@ class GrpcClient:
             stream = self._stub.StreamShards(pb.StreamShardsRequest(shard_ids=remaining), timeout=self.stream_timeout,
                                              metadata=self._metadata)
             calls[:] = [stream]
-            buffer = bytearray()
+            buffer = memoryview(b"")
             filled = 0
             watchdog = _IdleWatchdog(self.idle_timeout).watch(stream)
             try:
@@ -580,14 +581,15 @@ class GrpcClient:
                     # Bounded before a byte is kept: the manifest's size, else the object limit.
                     self._bound("shard", expected, chunk.total_size, filled + len(chunk.data))
                     if filled == 0:
-                        # One buffer of the declared size, filled in place: no list of parts to join.
-                        buffer = bytearray(chunk.total_size)
+                        # One buffer of the declared size, filled in place: no list of parts to join,
+                        # and a pooled one, already faulted in (shardstore.buffers).
+                        buffer = READ_BUFFERS.take(chunk.total_size)
                     end = filled + len(chunk.data)
                     buffer[filled:end] = chunk.data
                     filled = end
                     if filled < len(buffer):
                         continue
-                    data, buffer, filled = buffer, bytearray(), 0
+                    data, buffer, filled = buffer, memoryview(b""), 0
                     remaining.pop(0)
                     attempt = 0  # progress: a later failure gets the full retry budget again
                     # Checked against its id by the consumer's workers (_accept), off this thread.
