@@ -39,10 +39,10 @@ from shardstore.errors import InvalidInputError
 from shardstore.format.digest import digest
 from shardstore.format.manifest import Manifest, PieceRef
 from shardstore.format.shard import parse_shard
-from shardstore.load.pipeline import PipelineStats, Placement, _allocate, _finish, _Sink, _write
-from shardstore.load.tensor_parallel import Cut
+from shardstore.load.pipeline import TensorSink, _allocate, _finish
 from shardstore.repo.pieces import ShardLookup
 from shardstore.repo.pool import ordered_map
+from shardstore.repo.read_path import Cut, PipelineStats, Placement, write_piece
 from shardstore.repo.registry import ModelSource, ShardData
 
 # Bytes one rank sends or receives per exchange round: big enough that a round's latency is noise,
@@ -63,7 +63,7 @@ class _Item:
 
     @property
     def span(self) -> tuple[int, int]:
-        """[start, stop) of the part within the rank's output tensor (what pipeline._write computes)."""
+        """[start, stop) of the part within the rank's output tensor (what read_path.write_piece computes)."""
         first, last = self.placement.rows
         lo, hi = max(first, self.piece.rows[0]), min(last, self.piece.rows[1])
         return (lo - first) * self.placement.out_row_bytes, (hi - first) * self.placement.out_row_bytes
@@ -88,7 +88,7 @@ class CooperativeStats:
 
 
 class _Into:
-    """A sink that is one preallocated slice of a send buffer (for pipeline._write)."""
+    """A sink that is one preallocated slice of a send buffer (for read_path.write_piece)."""
 
     def __init__(self, view: memoryview) -> None:
         self.view = view
@@ -197,7 +197,7 @@ def _exchange_device(group: Any) -> torch.device:
 
 
 def _exchange_round(source: ModelSource, shard_round: list[str], items: dict[str, list[_Item]],
-                    owner: dict[str, int], rank: int, world: int, sinks: dict[str, _Sink], lookup: ShardLookup,
+                    owner: dict[str, int], rank: int, world: int, sinks: dict[str, TensorSink], lookup: ShardLookup,
                     threads: int, group: Any, device: torch.device, coop: CooperativeStats, stats: PipelineStats,
                     progress: Callable[[int], None] | None) -> None:
     import torch.distributed as dist
@@ -224,10 +224,10 @@ def _exchange_round(source: ModelSource, shard_round: list[str], items: dict[str
         written = 0
         for item in items[shard_id]:
             if item.rank == rank:
-                written += _write(sinks[item.placement.device], item.placement, item.piece, shard, lookup)
+                written += write_piece(sinks[item.placement.device], item.placement, item.piece, shard, lookup)
             else:
                 slot = _Into(slots[(item.rank, item.placement.name, *item.piece.rows)])
-                _write(slot, item.placement, item.piece, shard, lookup)  # type: ignore[arg-type]
+                write_piece(slot, item.placement, item.piece, shard, lookup)
         return written
 
     owned = [s for s in shard_round if owner[s] == rank]

@@ -1,138 +1,40 @@
-"""The load pipeline: fetch shards → decode pieces in threads → place them on their devices.
+"""The load pipeline: :mod:`shardstore.repo.read_path` with sinks that hold tensors.
 
-Three stages overlap, each bounded:
+The stages (fetch → decode → place) and their bounds are the read path's; this module adds
+where a piece goes when it becomes a tensor:
 
-* **fetch**: the source streams shards in first-use order (a store keeps a few
-  requests in flight; the gRPC client has a receiver thread and a small queue);
-* **decode**: :func:`~shardstore.repo.pool.ordered_map` decodes up to
-  ``2 * threads`` shards at once, every piece through
-  :func:`~shardstore.repo.pieces.decode_piece`;
-* **place**: on the host (``cpu``) a piece is decoded straight into its final
-  tensor, so nothing is held twice; on a CUDA device it is decoded into one of a
-  few pinned staging buffers and copied with ``non_blocking=True`` on a side
-  stream, so the device receives each piece as soon as it is decoded while the
-  threads go on decoding the next ones. A staging buffer is reused only once the
-  copy out of it has finished (its CUDA event). ``meta`` tensors are only
-  shaped: nothing is fetched for them.
-
-A piece that is only partly wanted (a tensor-parallel slice) is decoded into a
-temporary buffer of that one piece and the wanted rows or columns copied out,
-so a column slice never holds more than one piece of the full tensor.
+* on the host (``cpu``) a piece is decoded straight into its final tensor, so nothing is held twice;
+* on a CUDA device it is decoded into one of a few pinned staging buffers and copied with
+  ``non_blocking=True`` on a side stream, so the device receives each piece as soon as it is
+  decoded while the threads go on decoding the next ones. A staging buffer is reused only once
+  the copy out of it has finished (its CUDA event);
+* ``meta`` tensors are only shaped: nothing is fetched for them.
 """
 
 from __future__ import annotations
 
-import os
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from shardstore.format.dtypes import nbytes
-from shardstore.format.manifest import PieceRef, TensorRecord
-from shardstore.format.shard import Shard, parse_shard
-from shardstore.load.tensor_parallel import Cut
 from shardstore.load.tensors import as_tensor, torch_dtype
-from shardstore.repo.pieces import ShardLookup, decode_piece
-from shardstore.repo.pool import ordered_map
-from shardstore.repo.registry import ShardData, ShardSource
+from shardstore.repo.pieces import ShardLookup
+from shardstore.repo.read_path import PipelineStats, Placement, Sink, read_pieces
+from shardstore.repo.registry import ShardSource
+
+# Re-exported: what loader, view and the cooperative loader build their plans from.
+__all__ = ["PipelineStats", "Placement", "TensorSink", "run_pipeline"]
 
 
-@dataclass(frozen=True)
-class Placement:
-    """One tensor to load: all of it or a tensor-parallel cut of it, onto one device."""
-
-    name: str
-    record: TensorRecord
-    device: str
-    cut: Cut | None = None
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.cut.shape(self.record.shape) if self.cut else self.record.shape
-
-    @property
-    def nbytes(self) -> int:
-        return nbytes(self.record.dtype, self.shape)
-
-    @property
-    def rows(self) -> tuple[int, int]:
-        """The rows along dim 0 that hold what is wanted."""
-        if self.cut is not None and self.cut.dim == 0:
-            return self.cut.start, self.cut.stop
-        return 0, self.record.rows
-
-    @property
-    def out_row_bytes(self) -> int:
-        """Bytes of one dim-0 row of the output."""
-        if self.cut is not None and self.cut.dim == 1:
-            return nbytes(self.record.dtype, self.shape[1:])
-        return self.record.row_bytes
-
-    def pieces(self) -> list[PieceRef]:
-        return self.record.pieces_for_rows(*self.rows) if self.nbytes else []
-
-
-@dataclass
-class PipelineStats:
-    seconds: float = 0.0
-    bytes_by_device: dict[str, int] = field(default_factory=dict)
-    shards: int = 0
-    pieces: int = 0
-    # CUDA only: device copies already finished when the last piece was decoded (> 0: copy overlapped decode).
-    copies: int = 0
-    copies_done_before_decode_end: int = 0
-
-
-class _Sink(Protocol):
-    def allocate(self, placement: Placement) -> None: ...
-
-    def target(self, placement: Placement, start: int, stop: int) -> Any: ...
-
-    def finish(self, stats: PipelineStats) -> None: ...
+class TensorSink(Sink, Protocol):
+    """A sink whose placements become tensors (None: a sink, such as a file, that returns none)."""
 
     def tensor(self, placement: Placement) -> torch.Tensor | None: ...
-
-
-class FileSink:
-    """Pieces written into files at their final offsets (pull): no tensor is ever held whole.
-
-    Each piece is decoded into a scratch buffer of the worker thread's own, reused
-    from piece to piece, then written with ``pwrite``; memory holds one piece per
-    thread whatever the model's size.
-    """
-
-    def __init__(self, offsets: Mapping[str, tuple[int, int]]) -> None:
-        self._offsets = offsets  # tensor name -> (file descriptor, offset of its data)
-        self._scratch = threading.local()
-
-    def allocate(self, placement: Placement) -> None:
-        pass
-
-    @contextmanager
-    def target(self, placement: Placement, start: int, stop: int) -> Iterator[memoryview]:
-        size = stop - start
-        scratch: bytearray | None = getattr(self._scratch, "buffer", None)
-        if scratch is None or len(scratch) < size:
-            scratch = self._scratch.buffer = bytearray(size)
-        view = memoryview(scratch)[:size]
-        yield view
-        fd, offset = self._offsets[placement.name]
-        written = 0
-        while written < size:
-            written += os.pwrite(fd, view[written:], offset + start + written)
-
-    def finish(self, stats: PipelineStats) -> None:
-        pass
-
-    def tensor(self, placement: Placement) -> torch.Tensor | None:
-        return None
 
 
 class _HostSink:
@@ -214,32 +116,6 @@ class _CudaSink:
         return flat.view(torch_dtype(placement.record.dtype)).reshape(placement.shape)
 
 
-def _write(sink: _Sink, placement: Placement, piece: PieceRef, shard: Shard, lookup: ShardLookup) -> int:
-    """Put the wanted part of one piece in place; returns the bytes written."""
-    first, last = placement.rows
-    lo, hi = max(first, piece.rows[0]), min(last, piece.rows[1])
-    out_row = placement.out_row_bytes
-    start, stop = (lo - first) * out_row, (hi - first) * out_row
-    cut = placement.cut
-    with sink.target(placement, start, stop) as target:
-        if (lo, hi) == piece.rows and (cut is None or cut.dim == 0):
-            # The whole piece is wanted: decode in place.
-            decode_piece(shard, piece, placement.record, target, lookup=lookup)
-            return stop - start
-        decoded = np.frombuffer(decode_piece(shard, piece, placement.record, lookup=lookup), dtype=np.uint8)
-        record = placement.record
-        if cut is not None and cut.dim == 1:
-            # rows x columns x bytes of everything after dim 1, then the rank's columns.
-            inner = nbytes(record.dtype, record.shape[2:])
-            block = decoded.reshape(piece.rows[1] - piece.rows[0], record.shape[1], inner)
-            wanted = block[lo - piece.rows[0] : hi - piece.rows[0], cut.start : cut.stop, :]
-            np.copyto(np.frombuffer(target, dtype=np.uint8).reshape(wanted.shape), wanted)
-        else:
-            skip = (lo - piece.rows[0]) * record.row_bytes
-            target[:] = decoded.data[skip : skip + (stop - start)]
-    return stop - start
-
-
 def _staging_bytes(placements: Sequence[Placement], device: str) -> int:
     """The largest single write to ``device``: what one staging buffer must hold."""
     largest = 0
@@ -251,7 +127,7 @@ def _staging_bytes(placements: Sequence[Placement], device: str) -> int:
     return largest
 
 
-def _sink_for(device: str, placements: Sequence[Placement], threads: int) -> _Sink:
+def _sink_for(device: str, placements: Sequence[Placement], threads: int) -> TensorSink:
     if device == "cpu":
         return _HostSink()
     if device == "meta":
@@ -262,37 +138,21 @@ def _sink_for(device: str, placements: Sequence[Placement], threads: int) -> _Si
 
 def run_pipeline(source: ShardSource, placements: Sequence[Placement], *, lookup: ShardLookup, threads: int,
                  progress: Callable[[int], None] | None = None,
-                 sinks: Mapping[str, _Sink] | None = None) -> tuple[dict[str, torch.Tensor], PipelineStats]:
+                 sinks: Mapping[str, TensorSink] | None = None) -> tuple[dict[str, torch.Tensor], PipelineStats]:
     """Load ``placements`` (in the order the devices should receive them); tensors come back by name.
 
     ``sinks``: device name -> where its pieces go, for devices other than cpu, meta and
-    cuda:N (pull passes a :class:`FileSink`); their tensors are not returned.
+    cuda:N; tensors of a sink that makes none are not returned.
     """
     started = time.perf_counter()
     stats = PipelineStats()
-    sinks = _allocate(placements, threads, stats, sinks)
-
-    work: dict[str, list[tuple[Placement, PieceRef]]] = {}
-    for placement in placements:
-        if placement.device != "meta":
-            for piece in placement.pieces():
-                work.setdefault(piece.shard, []).append((placement, piece))
-
-    def place_shard(item: tuple[str, ShardData]) -> int:
-        shard_id, data = item
-        shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
-        return sum(_write(sinks[p.device], p, piece, shard, lookup) for p, piece in work[shard_id])
-
-    for written in ordered_map(place_shard, source.fetch_shards(work), threads):
-        stats.shards += 1
-        if progress is not None:
-            progress(written)
-    stats.pieces = sum(len(items) for items in work.values())
-    return _finish(placements, sinks, stats, started), stats
+    chosen = _allocate(placements, threads, stats, sinks)
+    read_pieces(source, placements, chosen, lookup=lookup, threads=threads, stats=stats, progress=progress)
+    return _finish(placements, chosen, stats, started), stats
 
 
 def _allocate(placements: Sequence[Placement], threads: int, stats: PipelineStats,
-              sinks: Mapping[str, _Sink] | None = None) -> dict[str, _Sink]:
+              sinks: Mapping[str, TensorSink] | None = None) -> dict[str, TensorSink]:
     """Every placement's buffer, in its device's sink (``sinks`` first, else the device's own), counted in ``stats``."""
     chosen = dict(sinks or {})
     for placement in placements:
@@ -303,7 +163,7 @@ def _allocate(placements: Sequence[Placement], threads: int, stats: PipelineStat
     return chosen
 
 
-def _finish(placements: Sequence[Placement], sinks: Mapping[str, _Sink], stats: PipelineStats,
+def _finish(placements: Sequence[Placement], sinks: Mapping[str, TensorSink], stats: PipelineStats,
             started: float) -> dict[str, torch.Tensor]:
     """Let every sink finish (copies to devices, files closed); the tensors by name, and the time in ``stats``."""
     for sink in sinks.values():

@@ -20,24 +20,12 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from shardstore.errors import InvalidInputError
+from shardstore.repo.read_path import Cut as Cut  # a rank's part of a tensor; the read path cuts it
 
 TPPlan = Mapping[str, int | None]
 DEFAULT_TP_PLAN: dict[str, int | None] = {"*": 0}
-
-
-@dataclass(frozen=True)
-class Cut:
-    """The part ``[start, stop)`` of dim ``dim`` of a tensor that one rank loads."""
-
-    dim: int
-    start: int
-    stop: int
-
-    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
-        return (*full[: self.dim], self.stop - self.start, *full[self.dim + 1 :])
 
 
 def check_plan(tp_rank: int | None, tp_size: int | None, tp_plan: TPPlan | None) -> TPPlan | None:

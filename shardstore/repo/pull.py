@@ -14,9 +14,8 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,13 +24,13 @@ from shardstore.errors import InvalidInputError, NotFoundError
 from shardstore.format import canonical_json
 from shardstore.format.manifest import FileRecord, Manifest
 from shardstore.format.safetensors_io import build_header
-from shardstore.format.shard import parse_shard
 from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.model_files import INDEX_SUFFIX
-from shardstore.repo.pieces import RecentShards, decode_piece
-from shardstore.repo.pool import default_threads, ordered_map
+from shardstore.repo.pieces import RecentShards
+from shardstore.repo.pool import default_threads
+from shardstore.repo.read_path import FileSink, FileSpot, PipelineStats, Placement, naming, read_pieces
 from shardstore.repo.refs import parse_ref
-from shardstore.repo.registry import ModelSource, ShardData
+from shardstore.repo.registry import ModelSource
 
 
 @dataclass(frozen=True)
@@ -49,17 +48,6 @@ class PullReport:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """OS errors of a write carry the file they hit: ``os.pwrite`` on a full disk says only ENOSPC."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename:
-            raise
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
 
 
 def safe_path(dest: Path, rel: str) -> Path:
@@ -165,7 +153,7 @@ def write_model(
             handle = _OpenFile(path, partial, fd, offsets)
             open_files.append(handle)
             size = len(head) + sum(manifest.tensors[n].raw_bytes for n in offsets)
-            with _naming(path):
+            with naming(path):
                 os.pwrite(fd, head, 0)
                 os.ftruncate(fd, size)
             for name in offsets:
@@ -173,7 +161,7 @@ def write_model(
         fetched = _write_tensors(source, manifest, selected_names, where, threads, progress, ref) if selected_names \
             else 0
         for handle in open_files:
-            with _naming(handle.path):
+            with naming(handle.path):
                 os.fsync(handle.fd)
                 os.close(handle.fd)
                 handle.fd = -1
@@ -210,38 +198,15 @@ def _write_tensors(
     progress: ProgressCallback | None,
     label: str,
 ) -> int:
-    wanted = manifest.pieces_by_shard(names)
-
-    lookup = RecentShards(source)  # a delta's pieces mostly read the same few base shards
-
-    scratch = threading.local()  # one decode buffer per worker thread, reused from piece to piece
-
-    def decode_and_write(item: tuple[str, ShardData]) -> int:
-        shard_id, data = item
-        shard = parse_shard(data, shard_id, verify_id=False)  # the source verified the id
-        written = 0
-        for name, piece, start, stop in wanted[shard_id]:
-            size = stop - start
-            buffer: bytearray | None = getattr(scratch, "buffer", None)
-            if buffer is None or len(buffer) < size:
-                buffer = scratch.buffer = bytearray(size)
-            view = memoryview(buffer)[:size]
-            decode_piece(shard, piece, manifest.tensors[name], view, lookup=lookup)  # straight into the buffer
-            offset = where[name].offsets[name] + start
-            done = 0
-            with _naming(where[name].path):
-                while done < size:
-                    done += os.pwrite(where[name].fd, view[done:], offset + done)
-            written += size
-        return written
-
-    total = sum(manifest.tensors[n].raw_bytes for n in names)
-    count = 0
-    advance = progress_task(progress, f"pull {label}", total)
-    for written in ordered_map(decode_and_write, source.fetch_shards(wanted), threads or default_threads()):
-        advance(written)
-        count += 1
-    return count
+    """Every tensor's data into its file, through the read path every loader runs; returns the shards read."""
+    sink = FileSink({name: FileSpot(where[name].fd, where[name].offsets[name], where[name].path) for name in names})
+    placements = [Placement(name, manifest.tensors[name], "file") for name in names]
+    stats = PipelineStats()
+    advance = progress_task(progress, f"pull {label}", sum(manifest.tensors[n].raw_bytes for n in names))
+    # A delta's pieces mostly read the same few base shards: keep the recent ones parsed.
+    read_pieces(source, placements, {"file": sink}, lookup=RecentShards(source), threads=threads or default_threads(),
+                stats=stats, progress=advance)
+    return stats.shards
 
 
 def _matches(text: str, patterns: Iterable[str]) -> bool:
@@ -282,7 +247,7 @@ def _write_blobs(source: ModelSource, manifest: Manifest, root: Path, subset: se
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
         try:
-            with _naming(path):
+            with naming(path):
                 partial.write_bytes(data)
                 os.replace(partial, path)
         finally:

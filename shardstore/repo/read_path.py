@@ -1,0 +1,217 @@
+"""The one read pipeline, without torch: fetch shards → (checked by the source) → decode each piece into place.
+
+Every reader runs it: ``pull`` with a :class:`FileSink` (pieces written into files at their final
+offsets, so ``pull`` works in an install without torch), the loader (``load/pipeline.py``) with
+sinks that hold tensors in host or device memory, the cooperative loader with sinks that are
+slices of a send buffer.
+
+Stages overlap, each bounded:
+
+* **fetch**: the source yields checked shards in first-use order, a few ahead (a local store
+  reads and hashes on every core into pooled buffers; the gRPC client has a receiver thread
+  and a small queue);
+* **decode**: :func:`~shardstore.repo.pool.ordered_map` decodes up to ``2 * threads`` shards at
+  once, every piece through :func:`~shardstore.repo.pieces.decode_piece`, straight into the
+  buffer its sink gives for it;
+* **place**: the sink's ``target`` context says where a piece's bytes go and does what follows
+  (a file write, a device copy).
+
+A piece only partly wanted (a tensor-parallel slice) is decoded into a temporary buffer of that
+one piece and the wanted rows or columns copied out, so a column slice never holds more than one
+piece of the full tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from shardstore.format.dtypes import nbytes
+from shardstore.format.manifest import PieceRef, TensorRecord
+from shardstore.format.shard import Shard, parse_shard
+from shardstore.repo.pieces import ShardLookup, decode_piece
+from shardstore.repo.pool import ordered_map
+from shardstore.repo.registry import ShardData, ShardSource
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The part ``[start, stop)`` of dim ``dim`` of a tensor that one rank loads."""
+
+    dim: int
+    start: int
+    stop: int
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        return (*full[: self.dim], self.stop - self.start, *full[self.dim + 1 :])
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One tensor to read: all of it or a tensor-parallel cut of it, into one sink ("device")."""
+
+    name: str
+    record: TensorRecord
+    device: str
+    cut: Cut | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.cut.shape(self.record.shape) if self.cut else self.record.shape
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.record.dtype, self.shape)
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """The rows along dim 0 that hold what is wanted."""
+        if self.cut is not None and self.cut.dim == 0:
+            return self.cut.start, self.cut.stop
+        return 0, self.record.rows
+
+    @property
+    def out_row_bytes(self) -> int:
+        """Bytes of one dim-0 row of the output."""
+        if self.cut is not None and self.cut.dim == 1:
+            return nbytes(self.record.dtype, self.shape[1:])
+        return self.record.row_bytes
+
+    def pieces(self) -> list[PieceRef]:
+        return self.record.pieces_for_rows(*self.rows) if self.nbytes else []
+
+
+@dataclass
+class PipelineStats:
+    seconds: float = 0.0
+    bytes_by_device: dict[str, int] = field(default_factory=dict)
+    shards: int = 0
+    pieces: int = 0
+    # CUDA only: device copies already finished when the last piece was decoded (> 0: copy overlapped decode).
+    copies: int = 0
+    copies_done_before_decode_end: int = 0
+
+
+class PieceTarget(Protocol):
+    """Where the bytes of one piece go: ``target`` yields a writable buffer of ``stop - start`` bytes."""
+
+    def target(self, placement: Placement, start: int, stop: int) -> AbstractContextManager[memoryview]: ...
+
+
+class Sink(PieceTarget, Protocol):
+    """The destination of one device's placements: buffers made up front, finished at the end."""
+
+    def allocate(self, placement: Placement) -> None: ...
+
+    def finish(self, stats: PipelineStats) -> None: ...
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """OS errors of a write carry the file they hit: ``os.pwrite`` on a full disk says only ENOSPC."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+
+
+@dataclass(frozen=True)
+class FileSpot:
+    """Where a tensor's data goes in a file being written: its descriptor, the data's offset, its name for errors."""
+
+    fd: int
+    offset: int
+    path: Path
+
+
+class FileSink:
+    """Pieces written into files at their final offsets (pull): no tensor is ever held whole.
+
+    Each piece is decoded into a scratch buffer of the worker thread's own, reused
+    from piece to piece, then written with ``pwrite``; memory holds one piece per
+    thread whatever the model's size.
+    """
+
+    def __init__(self, spots: Mapping[str, FileSpot]) -> None:
+        self._spots = spots  # tensor name -> where its data goes
+        self._scratch = threading.local()
+
+    def allocate(self, placement: Placement) -> None:
+        pass
+
+    @contextmanager
+    def target(self, placement: Placement, start: int, stop: int) -> Iterator[memoryview]:
+        size = stop - start
+        scratch: bytearray | None = getattr(self._scratch, "buffer", None)
+        if scratch is None or len(scratch) < size:
+            scratch = self._scratch.buffer = bytearray(size)
+        view = memoryview(scratch)[:size]
+        yield view
+        spot = self._spots[placement.name]
+        written = 0
+        with naming(spot.path):
+            while written < size:
+                written += os.pwrite(spot.fd, view[written:], spot.offset + start + written)
+
+    def finish(self, stats: PipelineStats) -> None:
+        pass
+
+
+def write_piece(sink: PieceTarget, placement: Placement, piece: PieceRef, shard: Shard, lookup: ShardLookup) -> int:
+    """Put the wanted part of one piece in place; returns the bytes written."""
+    first, last = placement.rows
+    lo, hi = max(first, piece.rows[0]), min(last, piece.rows[1])
+    out_row = placement.out_row_bytes
+    start, stop = (lo - first) * out_row, (hi - first) * out_row
+    cut = placement.cut
+    with sink.target(placement, start, stop) as target:
+        if (lo, hi) == piece.rows and (cut is None or cut.dim == 0):
+            # The whole piece is wanted: decode in place.
+            decode_piece(shard, piece, placement.record, target, lookup=lookup)
+            return stop - start
+        decoded = np.frombuffer(decode_piece(shard, piece, placement.record, lookup=lookup), dtype=np.uint8)
+        record = placement.record
+        if cut is not None and cut.dim == 1:
+            # rows x columns x bytes of everything after dim 1, then the rank's columns.
+            inner = nbytes(record.dtype, record.shape[2:])
+            block = decoded.reshape(piece.rows[1] - piece.rows[0], record.shape[1], inner)
+            wanted = block[lo - piece.rows[0] : hi - piece.rows[0], cut.start : cut.stop, :]
+            np.copyto(np.frombuffer(target, dtype=np.uint8).reshape(wanted.shape), wanted)
+        else:
+            skip = (lo - piece.rows[0]) * record.row_bytes
+            target[:] = decoded.data[skip : skip + (stop - start)]
+    return stop - start
+
+
+def read_pieces(source: ShardSource, placements: Sequence[Placement], sinks: Mapping[str, PieceTarget], *,
+                lookup: ShardLookup, threads: int, stats: PipelineStats,
+                progress: Callable[[int], None] | None = None) -> None:
+    """Fetch the shards holding ``placements``' pieces and write every piece through its device's sink.
+
+    ``meta`` placements are skipped (nothing to fetch). The sinks' buffers must already exist.
+    """
+    work: dict[str, list[tuple[Placement, PieceRef]]] = {}
+    for placement in placements:
+        if placement.device != "meta":
+            for piece in placement.pieces():
+                work.setdefault(piece.shard, []).append((placement, piece))
+
+    def place_shard(item: tuple[str, ShardData]) -> int:
+        shard_id, data = item
+        shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
+        return sum(write_piece(sinks[p.device], p, piece, shard, lookup) for p, piece in work[shard_id])
+
+    for written in ordered_map(place_shard, source.fetch_shards(work), threads):
+        stats.shards += 1
+        if progress is not None:
+            progress(written)
+    stats.pieces += sum(len(items) for items in work.values())
