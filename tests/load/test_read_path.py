@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import shardstore
+from shardstore.errors import IntegrityError
 from shardstore.load.loader import LoadOptions
 from shardstore.rpc.background import BackgroundServer
 from shardstore.store import LocalStore
@@ -111,3 +112,32 @@ def test_write_behind_cache_is_complete_after_a_pull_and_a_corrupt_entry_is_fetc
     original = (tmp_path / "a" / "m.safetensors").read_bytes()
     assert (tmp_path / "c" / "m.safetensors").read_bytes() == original
     assert entries[0].read_bytes() != bytes(damaged)  # the entry was replaced by the verified copy
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_damaged_local_shard_is_refused_by_every_reader_and_the_read_buffers_stay_clean(
+        pushed: tuple[LocalStore, torch.Tensor], tmp_path: Path, damage: str) -> None:
+    # Local shards are read into reused buffers and hashed part by part (shardstore.buffers): a
+    # damaged shard must still fail the id check, name itself, and leave nothing behind in the pool.
+    store, weight = pushed
+    with shardstore.open(REF, store=store) as view:
+        shard_id = view.manifest.tensors["w"].pieces[2].shard
+    path = store.root / "shards" / shard_id[:2] / shard_id
+    original = path.read_bytes()
+    damaged = bytearray(original)
+    if damage == "flip":
+        damaged[len(damaged) - 5] ^= 0x01
+    else:
+        del damaged[len(damaged) // 2 :]
+    path.write_bytes(bytes(damaged))
+    # The id check refuses it, before any decoding (a stream checksum would name it differently).
+    refused = f"shard {shard_id}: content does not match its id"
+    try:
+        with shardstore.open(REF, store=store) as view, pytest.raises(IntegrityError, match=refused):
+            view.state_dict()
+        with pytest.raises(IntegrityError, match=refused):
+            shardstore.pull(REF, tmp_path / "out", store=store)
+    finally:
+        path.write_bytes(original)
+    with shardstore.open(REF, store=store) as view:
+        assert torch.equal(view.state_dict()["w"], weight)
