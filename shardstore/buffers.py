@@ -52,7 +52,9 @@ class BufferPool:
         self.keep_bytes = keep_bytes
         self._free: list[np.ndarray[Any, Any]] = []
         self._free_bytes = 0
-        self._lock = threading.Lock()
+        # Reentrant: a garbage collection run inside take() (any allocation can start one) may free a
+        # lease caught in a reference cycle, whose __del__ then gives its buffer back on this thread.
+        self._lock = threading.RLock()
         self.allocated = 0  # buffers made (not reused): what the pool saves is reads minus this
 
     def take(self, size: int) -> memoryview:
