@@ -58,9 +58,18 @@ class BufferPool:
         self.allocated = 0  # buffers made (not reused): what the pool saves is reads minus this
 
     def take(self, size: int) -> memoryview:
-        """A writable view of exactly ``size`` bytes (contents undefined)."""
+        """A writable view of exactly ``size`` bytes (contents undefined).
+
+        Small requests get a plain buffer of their own (malloc serves those from memory it
+        keeps), and a pooled buffer is reused only for a request of at least half its size:
+        whoever keeps a view (the lazy view's shard cache, the cache writer) counts the view's
+        length, so the memory it really pins must stay within a small factor of that.
+        """
+        if size < _STEP // 2:
+            return memoryview(bytearray(size))
+        rounded = -(-size // _STEP) * _STEP
         with self._lock:
-            fitting = [i for i, array in enumerate(self._free) if array.nbytes >= size]
+            fitting = [i for i, array in enumerate(self._free) if size <= array.nbytes <= 2 * rounded]
             if fitting:
                 index = min(fitting, key=lambda i: self._free[i].nbytes)
                 array = self._free.pop(index)
@@ -69,7 +78,7 @@ class BufferPool:
                 array = None
                 self.allocated += 1
         if array is None:
-            array = np.empty(max(_STEP, -(-size // _STEP) * _STEP), dtype=np.uint8)
+            array = np.empty(rounded, dtype=np.uint8)
         return np.asarray(_Lease(self, array, size)).data
 
     def _give(self, array: np.ndarray[Any, Any]) -> None:

@@ -584,6 +584,9 @@ class GrpcClient:
                         # One buffer of the declared size, filled in place: no list of parts to join,
                         # and a pooled one, already faulted in (shardstore.buffers).
                         buffer = READ_BUFFERS.take(chunk.total_size)
+                    elif chunk.total_size != len(buffer):
+                        raise IntegrityError(f"shard {expected}: server changed its size from {len(buffer)} to "
+                                             f"{chunk.total_size} bytes mid-stream")
                     end = filled + len(chunk.data)
                     buffer[filled:end] = chunk.data
                     filled = end

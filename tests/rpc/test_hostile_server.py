@@ -24,11 +24,13 @@ import pytest
 
 import shardstore
 from rpc.grpc_helpers import SMALL_CHUNK, write_small_model
+from shardstore.errors import IntegrityError
 from shardstore.format.digest import digest
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
+from shardstore.rpc.client import GrpcClient
 from shardstore.store import LocalStore
 
 FLOOD = 400 << 20  # what the hostile server sends at most: more than the client may hold
@@ -53,6 +55,11 @@ class HostileRegistry(pb_grpc.RegistryServicer):
             yield pb.ObjectChunk(id=object_id, offset=start, total_size=len(data), data=data[start:start + PIECE])
 
     def _flood(self, object_id: str, true_size: int) -> Iterator[pb.ObjectChunk]:
+        if self.attack == "resize":  # declares one size, then a larger one half way through
+            yield pb.ObjectChunk(id=object_id, offset=0, total_size=true_size, data=b"\xab" * (true_size // 2))
+            yield pb.ObjectChunk(id=object_id, offset=true_size // 2, total_size=2 * true_size,
+                                 data=b"\xab" * true_size)
+            return
         declared = 1 << 40 if self.attack == "endless" else true_size
         filler = b"\xab" * PIECE
         for offset in range(0, FLOOD, PIECE):
@@ -121,6 +128,24 @@ def test_an_endless_or_oversized_stream_fails_in_one_line_within_bounded_memory(
     assert outcome["growth_mib"] < RSS_BOUND_MIB, outcome
     assert outcome["code"] == 1 and len(error_lines) == 1, child.stderr
     assert f"{kind} {target}" in error_lines[0] and "refused" in error_lines[0], error_lines[0]
+
+
+def test_a_shard_whose_declared_size_changes_mid_stream_is_refused_naming_it(
+        pushed: tuple[Repository, Path]) -> None:
+    # Without a manifest only the declared size bounds a shard (and sizes the buffer it lands in):
+    # a server that raises it half way is refused, never written past the buffer's end.
+    repo, _model = pushed
+    target = next(iter(repo.get_manifest(repo.resolve(parse_ref("m:v1"))).shards))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_RegistryServicer_to_server(HostileRegistry(repo, target, "resize"), server)  # type: ignore[no-untyped-call]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with GrpcClient(f"127.0.0.1:{port}", use_cache=False) as client, \
+                pytest.raises(IntegrityError, match=f"shard {target}: server changed its size"):
+            list(client.fetch_shards([target]))
+    finally:
+        server.stop(grace=None)
 
 
 class _EndlessMirror:

@@ -31,7 +31,7 @@ def test_a_buffer_comes_back_only_when_its_last_view_is_gone() -> None:
     assert pool.allocated == 2
 
 
-def test_an_idle_buffer_is_reused_for_any_size_it_holds() -> None:
+def test_an_idle_buffer_is_reused_only_for_a_request_of_at_least_half_its_size() -> None:
     pool = BufferPool(keep_bytes=16 * MIB)
     first = pool.take(4 * MIB)
     address = np.frombuffer(first, dtype=np.uint8).ctypes.data
@@ -40,6 +40,19 @@ def test_an_idle_buffer_is_reused_for_any_size_it_holds() -> None:
     assert np.frombuffer(again, dtype=np.uint8).ctypes.data == address
     assert again.nbytes == 2 * MIB
     assert pool.allocated == 1
+    del again
+    # A 1 MiB shard kept in a cache must not pin the 4 MiB buffer: it gets one of its own.
+    small = pool.take(MIB)
+    assert np.frombuffer(small, dtype=np.uint8).ctypes.data != address
+    assert pool.allocated == 2 and pool.idle_bytes == 4 * MIB
+
+
+def test_small_requests_are_not_pooled() -> None:
+    pool = BufferPool(keep_bytes=16 * MIB)
+    views = [pool.take(100), pool.take(MIB // 2 - 1)]
+    assert [v.nbytes for v in views] == [100, MIB // 2 - 1]
+    del views
+    assert pool.allocated == 0 and pool.idle_bytes == 0
 
 
 def test_idle_memory_stays_under_its_cap() -> None:
