@@ -221,20 +221,6 @@ class Manifest:
         pats = list(patterns or [])
         return [n for n in names if not pats or any(fnmatch.fnmatchcase(n, p) for p in pats)]
 
-    def pieces_by_shard(self, names: Iterable[str]) -> dict[str, list[tuple[str, PieceRef, int, int]]]:
-        """For each shard holding these tensors (first-use order): (tensor, piece, byte start, byte stop).
-
-        Byte offsets are within the tensor's own data, so a reader fetches each shard
-        once and decodes every stream it needs straight to its place.
-        """
-        grouped: dict[str, list[tuple[str, PieceRef, int, int]]] = {}
-        for name in names:
-            record = self.tensors[name]
-            for piece in record.pieces:
-                span = (piece.rows[0] * record.row_bytes, piece.rows[1] * record.row_bytes)
-                grouped.setdefault(piece.shard, []).append((name, piece, *span))
-        return grouped
-
     def shards_for(self, names: Iterable[str]) -> list[str]:
         """The distinct shards holding these tensors, in first-use order."""
         seen: dict[str, None] = {}

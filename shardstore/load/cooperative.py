@@ -63,10 +63,8 @@ class _Item:
 
     @property
     def span(self) -> tuple[int, int]:
-        """[start, stop) of the part within the rank's output tensor (what read_path.write_piece computes)."""
-        first, last = self.placement.rows
-        lo, hi = max(first, self.piece.rows[0]), min(last, self.piece.rows[1])
-        return (lo - first) * self.placement.out_row_bytes, (hi - first) * self.placement.out_row_bytes
+        """[start, stop) of the part within the rank's output tensor (where write_piece puts it)."""
+        return self.placement.span(self.piece)
 
     @property
     def nbytes(self) -> int:

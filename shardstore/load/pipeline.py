@@ -122,8 +122,8 @@ def _staging_bytes(placements: Sequence[Placement], device: str) -> int:
     for placement in placements:
         if placement.device == device:
             for piece in placement.pieces():
-                rows = min(placement.rows[1], piece.rows[1]) - max(placement.rows[0], piece.rows[0])
-                largest = max(largest, rows * placement.out_row_bytes)
+                start, stop = placement.span(piece)
+                largest = max(largest, stop - start)
     return largest
 
 

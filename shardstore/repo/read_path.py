@@ -87,6 +87,17 @@ class Placement:
     def pieces(self) -> list[PieceRef]:
         return self.record.pieces_for_rows(*self.rows) if self.nbytes else []
 
+    def wanted_rows(self, piece: PieceRef) -> tuple[int, int]:
+        """The rows [lo, hi) of ``piece`` that this placement wants (all of them unless a dim-0 cut ends inside it)."""
+        first, last = self.rows
+        return max(first, piece.rows[0]), min(last, piece.rows[1])
+
+    def span(self, piece: PieceRef) -> tuple[int, int]:
+        """Where the wanted part of ``piece`` goes: bytes [start, stop) of this placement's output."""
+        lo, hi = self.wanted_rows(piece)
+        first = self.rows[0]
+        return (lo - first) * self.out_row_bytes, (hi - first) * self.out_row_bytes
+
 
 @dataclass
 class PipelineStats:
@@ -168,10 +179,8 @@ class FileSink:
 
 def write_piece(sink: PieceTarget, placement: Placement, piece: PieceRef, shard: Shard, lookup: ShardLookup) -> int:
     """Put the wanted part of one piece in place; returns the bytes written."""
-    first, last = placement.rows
-    lo, hi = max(first, piece.rows[0]), min(last, piece.rows[1])
-    out_row = placement.out_row_bytes
-    start, stop = (lo - first) * out_row, (hi - first) * out_row
+    lo, hi = placement.wanted_rows(piece)
+    start, stop = placement.span(piece)
     cut = placement.cut
     with sink.target(placement, start, stop) as target:
         if (lo, hi) == piece.rows and (cut is None or cut.dim == 0):

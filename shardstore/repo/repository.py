@@ -69,6 +69,10 @@ def manifest_key(manifest_id: str) -> str:
     return f"manifests/{manifest_id}.json"
 
 
+def _mismatch(kind: str, object_id: str) -> IntegrityError:
+    """What a read says of an object whose bytes do not hash to its id, however it was read."""
+    return IntegrityError(f"{kind} {object_id}: content does not match its id (corrupt or truncated)")
+
 class Repository:
     """Reads and writes the objects of one store, in the order the invariants require."""
 
@@ -221,7 +225,7 @@ class Repository:
         data = self.store.get(key)
         self._count(len(data))
         if not matches(data, object_id):
-            raise IntegrityError(f"{kind} {object_id}: content does not match its id (corrupt or truncated)")
+            raise _mismatch(kind, object_id)
         return data
 
     def get_blob(self, blob_id: str) -> bytes:
@@ -258,7 +262,7 @@ class Repository:
         data = self.store.get_buffer(shard_key(check_object_id(shard_id, "shard id")), hasher.update)
         self._count(len(data))
         if not hasher.matches(shard_id):
-            raise IntegrityError(f"shard {shard_id}: content does not match its id (corrupt or truncated)")
+            raise _mismatch("shard", shard_id)
         return data
 
     def has_shard(self, shard_id: str) -> bool:

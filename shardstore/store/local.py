@@ -45,37 +45,38 @@ class LocalStore(Store):
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def get(self, key: str) -> bytes:
-        path = self._path(key)
+    @contextlib.contextmanager
+    def _reading(self, key: str) -> Iterator[None]:
+        """A missing object is NotFoundError, any other OS error one line naming the key."""
         try:
-            return path.read_bytes()
+            yield
         except FileNotFoundError:
             raise NotFoundError(f"{key}: not in store {self.url}") from None
         except OSError as exc:
             raise StoreError(f"{key}: cannot read from {self.url}: {exc.strerror}") from None
 
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        with self._reading(key):
+            return path.read_bytes()
+
     def get_buffer(self, key: str, see: Callable[[memoryview], object] | None = None) -> bytes | memoryview:
         # Read into a pooled buffer (no fresh pages to fault in) a part at a time, each part
         # handed to ``see`` while it is still in the CPU's cache.
         path = self._path(key)
-        try:
-            with path.open("rb", buffering=0) as handle:
-                size = os.fstat(handle.fileno()).st_size
-                view = READ_BUFFERS.take(size)
-                filled = 0
-                while filled < size:
-                    got = handle.readinto(view[filled : filled + _READ_PART])
-                    if not got:  # shrank under us: what was read is all there is (the id check says so)
-                        view = view[:filled]
-                        break
-                    if see is not None:
-                        see(view[filled : filled + got])
-                    filled += got
-                return view
-        except FileNotFoundError:
-            raise NotFoundError(f"{key}: not in store {self.url}") from None
-        except OSError as exc:
-            raise StoreError(f"{key}: cannot read from {self.url}: {exc.strerror}") from None
+        with self._reading(key), path.open("rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            view = READ_BUFFERS.take(size)
+            filled = 0
+            while filled < size:
+                got = handle.readinto(view[filled : filled + _READ_PART])
+                if not got:  # shrank under us: what was read is all there is (the id check says so)
+                    view = view[:filled]
+                    break
+                if see is not None:
+                    see(view[filled : filled + got])
+                filled += got
+            return view
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
         path = self._path(key)
