@@ -20,6 +20,7 @@ in-flight shards did at their peak, capped.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from typing import Any
 
@@ -78,7 +79,8 @@ class BufferPool:
                 array = None
                 self.allocated += 1
         if array is None:
-            array = np.empty(rounded, dtype=np.uint8)
+            # Page-aligned (an anonymous mapping), so the shard cache can write it past the page cache.
+            array = np.frombuffer(mmap.mmap(-1, rounded), dtype=np.uint8)
         return np.asarray(_Lease(self, array, size)).data
 
     def _give(self, array: np.ndarray[Any, Any]) -> None:

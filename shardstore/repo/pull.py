@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from shardstore.direct_io import DirectWriter
 from shardstore.errors import InvalidInputError, NotFoundError
 from shardstore.format import canonical_json
 from shardstore.format.manifest import FileRecord, Manifest
@@ -64,6 +65,7 @@ class _OpenFile:
     partial: Path
     fd: int
     offsets: dict[str, int]  # tensor name → absolute offset of its data in the file
+    writer: DirectWriter
 
 
 def _layout(
@@ -150,7 +152,7 @@ def write_model(
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.partial")
             fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            handle = _OpenFile(path, partial, fd, offsets)
+            handle = _OpenFile(path, partial, fd, offsets, DirectWriter(fd, partial))
             open_files.append(handle)
             size = len(head) + sum(manifest.tensors[n].raw_bytes for n in offsets)
             with naming(path):
@@ -161,6 +163,7 @@ def write_model(
         fetched = _write_tensors(source, manifest, selected_names, where, threads, progress, ref) if selected_names \
             else 0
         for handle in open_files:
+            handle.writer.close()
             with naming(handle.path):
                 os.fsync(handle.fd)
                 os.close(handle.fd)
@@ -168,6 +171,7 @@ def write_model(
                 os.replace(handle.partial, handle.path)
     finally:
         for handle in open_files:
+            handle.writer.close()
             if handle.fd >= 0:
                 os.close(handle.fd)
                 with contextlib.suppress(FileNotFoundError):
@@ -199,7 +203,7 @@ def _write_tensors(
     label: str,
 ) -> int:
     """Every tensor's data into its file, through the read path every loader runs; returns the shards read."""
-    sink = FileSink({name: FileSpot(where[name].fd, where[name].offsets[name], where[name].path) for name in names})
+    sink = FileSink({name: FileSpot(where[name].writer, where[name].offsets[name], where[name].path) for name in names})
     placements = [Placement(name, manifest.tensors[name], "file") for name in names]
     stats = PipelineStats()
     advance = progress_task(progress, f"pull {label}", sum(manifest.tensors[n].raw_bytes for n in names))

@@ -23,6 +23,7 @@ import uuid
 from collections import deque
 from pathlib import Path
 
+from shardstore.direct_io import DirectWriter
 from shardstore.format.digest import digest, is_object_id, matches
 from shardstore.sizes import parse_size
 
@@ -120,8 +121,13 @@ class ShardCache:
         tmp = path.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tmp.open("wb") as handle:
-                handle.write(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                # Past the page cache where it can: an entry is read again only on a later pull.
+                with DirectWriter(fd, tmp) as writer:
+                    writer.write_at(memoryview(data).cast("B"), 0)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except OSError:
             with contextlib.suppress(OSError):
