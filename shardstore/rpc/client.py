@@ -60,6 +60,7 @@ from shardstore.repo.refs import Ref, parse_ref
 from shardstore.repo.registry import ShardData
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
+from shardstore.rpc.chunks import decode_chunk
 from shardstore.rpc.http_fetch import HttpObjectFetcher, default_mirror
 from shardstore.rpc.status import RETRYABLE_CODES, error_from_rpc
 from shardstore.rpc.tls import ClientTls
@@ -228,6 +229,11 @@ class GrpcClient:
         self._channel = (grpc.secure_channel(address, tls.credentials(), options=options) if tls is not None
                          else grpc.insecure_channel(address, options=options))
         self._stub = pb_grpc.RegistryStub(self._channel)  # type: ignore[no-untyped-call]
+        # Shard chunks parsed by hand into views of the message, not copied (rpc/chunks.py).
+        self._stream_shards = self._channel.unary_stream(
+            f"/{pb.DESCRIPTOR.services_by_name['Registry'].full_name}/StreamShards",
+            request_serializer=pb.StreamShardsRequest.SerializeToString, response_deserializer=decode_chunk,
+            _registered_method=True)
         self._lock = threading.Lock()
         # The size each object must have, from the manifests this client fetched (exact), or a cap
         # (safetensors headers): a server's stream is never believed past what was asked for.
@@ -563,8 +569,8 @@ class GrpcClient:
         attempt = 0
         failing_since = 0.0
         while remaining and not stop.is_set():
-            stream = self._stub.StreamShards(pb.StreamShardsRequest(shard_ids=remaining), timeout=self.stream_timeout,
-                                             metadata=self._metadata)
+            stream = self._stream_shards(pb.StreamShardsRequest(shard_ids=remaining), timeout=self.stream_timeout,
+                                         metadata=self._metadata)
             calls[:] = [stream]
             buffer = memoryview(b"")
             filled = 0
@@ -572,8 +578,10 @@ class GrpcClient:
             try:
                 for chunk in stream:
                     watchdog.tick()
-                    self._count(chunk.ByteSize())
+                    self._count(chunk.wire_bytes)
                     expected = remaining[0] if remaining else ""
+                    if chunk.malformed:
+                        raise IntegrityError(f"shard {expected}: server sent a message that is not an ObjectChunk")
                     if not expected or chunk.id != expected or chunk.offset != filled:
                         raise IntegrityError(
                             f"shard {expected}: server sent {chunk.id} at offset {chunk.offset}, expected {filled}"

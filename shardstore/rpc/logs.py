@@ -83,6 +83,11 @@ def log_request(record: RequestRecord) -> None:
                         extra={"request": record.as_dict()})
 
 
+def _size(message: Any) -> int:
+    """A response's size on the wire: shard chunks leave already serialized (rpc/chunks.py)."""
+    return len(message) if isinstance(message, bytes) else int(message.ByteSize())
+
+
 class _Call:
     """The measurements of one call in progress."""
 
@@ -165,7 +170,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 self._emit(call, exc)
                 raise
             if response is not None:
-                call.sent += response.ByteSize()
+                call.sent += _size(response)
             self._emit(call, None)
             return response
 
@@ -190,7 +195,7 @@ class RequestObserver(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             call = _Call(method, context)
             try:
                 async for response in behavior(self._requests(call, request, streaming), context):
-                    call.sent += response.ByteSize()
+                    call.sent += _size(response)
                     yield response
             except BaseException as exc:
                 self._emit(call, exc)
@@ -209,7 +214,7 @@ class _CountingContext:
 
     async def write(self, message: Any) -> None:
         await self._context.write(message)
-        self._call.sent += message.ByteSize()
+        self._call.sent += _size(message)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)

@@ -34,7 +34,7 @@ import logging
 import signal
 import socket
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -54,6 +54,7 @@ from shardstore.repo.repository import Repository, blob_key, shard_key
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
 from shardstore.rpc.auth import TokenTable
+from shardstore.rpc.chunks import encode_chunk, serialize_chunk
 from shardstore.rpc.guard import DEFAULT_SEND_TIMEOUT_S, CallGuard, CallLimits
 from shardstore.rpc.logs import RequestObserver, log_request
 from shardstore.rpc.metrics import ServerMetrics
@@ -121,14 +122,34 @@ class HotShardCache:
             self.size -= len(evicted)
 
 
-def _chunks(object_id: str, data: bytes) -> list[pb.ObjectChunk]:
+def _chunks(object_id: str, data: bytes) -> Iterator[tuple[int, bytes]]:
+    """``(payload bytes, serialized ObjectChunk)`` for each chunk of an object, encoded as it is sent."""
     total = len(data)
     if total == 0:
-        return [pb.ObjectChunk(id=object_id, offset=0, total_size=0, data=b"")]
-    return [
-        pb.ObjectChunk(id=object_id, offset=start, total_size=total, data=data[start : start + CHUNK_BYTES])
-        for start in range(0, total, CHUNK_BYTES)
-    ]
+        yield 0, encode_chunk(object_id, 0, 0, b"")
+        return
+    view = memoryview(data)
+    for start in range(0, total, CHUNK_BYTES):
+        part = view[start : start + CHUNK_BYTES]
+        yield len(part), encode_chunk(object_id, start, total, part)
+
+
+def _add_registry(servicer: RegistryServicer, server: grpc.aio.Server) -> None:
+    """The generated handlers, but object chunks leave pre-encoded (rpc/chunks.py): one copy instead of three."""
+    recorded: dict[str, grpc.RpcMethodHandler] = {}
+
+    class _Recorder:
+        def add_generic_rpc_handlers(self, handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+            recorded.update(handlers)
+
+    pb_grpc.add_RegistryServicer_to_server(servicer, _Recorder())  # type: ignore[no-untyped-call]
+    for method in ("GetBlob", "StreamShards"):
+        recorded[method] = recorded[method]._replace(response_serializer=serialize_chunk)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, recorded),))
+    server.add_registered_method_handlers(SERVICE_NAME, recorded)
 
 
 class _Upload:
@@ -227,14 +248,15 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         """Object bytes sent over gRPC, shards and blobs."""
         return self.sent_shard_bytes + self.sent_blob_bytes
 
-    async def _send(self, chunk: pb.ObjectChunk, *, shard: bool) -> pb.ObjectChunk:
+    async def _send(self, chunk: tuple[int, bytes], *, shard: bool) -> bytes:
+        size, message = chunk
         if self.pacer is not None:
-            await self.pacer.send(len(chunk.data))
+            await self.pacer.send(size)
         if shard:
-            self.sent_shard_bytes += len(chunk.data)
+            self.sent_shard_bytes += size
         else:
-            self.sent_blob_bytes += len(chunk.data)
-        return chunk
+            self.sent_blob_bytes += size
+        return message
 
     # -- reads -------------------------------------------------------------------
 
@@ -260,7 +282,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             raise AssertionError("unreachable") from None
 
     async def GetBlob(self, request: pb.GetBlobRequest, context: grpc.aio.ServicerContext
-                      ) -> AsyncIterator[pb.ObjectChunk]:
+                      ) -> AsyncIterator[bytes]:
         try:
             blob_id = check_object_id(request.blob_id, "blob id")
             data = await self._run(self.repo.get_blob, blob_id)
@@ -271,7 +293,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             yield await self._send(chunk, shard=False)
 
     async def StreamShards(self, request: pb.StreamShardsRequest, context: grpc.aio.ServicerContext
-                           ) -> AsyncIterator[pb.ObjectChunk]:
+                           ) -> AsyncIterator[bytes]:
         ids = list(dict.fromkeys(request.shard_ids))
         self.active_streams += 1
         upcoming: asyncio.Future[bytes] | None = None
@@ -593,7 +615,7 @@ def create_server(
     # limit, which counts calls from their headers on, is only a ceiling far above it.
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=limits.grpc_ceiling,
                              interceptors=[observer, guard])
-    pb_grpc.add_RegistryServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    _add_registry(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
