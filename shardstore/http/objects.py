@@ -30,6 +30,7 @@ import asyncio
 import logging
 
 from aiohttp import web
+from aiohttp.payload import Payload
 
 from shardstore.errors import IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
 from shardstore.format.digest import check_object_id
@@ -109,7 +110,9 @@ class _ObjectRoutes:
             self._count(kind, exc.status, 0)
             raise
         body = response.body if isinstance(response, web.Response) and request.method == "GET" else None
-        self._count(kind, response.status, len(body) if isinstance(body, bytes) else 0)
+        # A shard's body is a view of its read buffer, which aiohttp wraps in a payload.
+        sent = len(body) if isinstance(body, bytes) else (body.size or 0) if isinstance(body, Payload) else 0
+        self._count(kind, response.status, sent)
         return response
 
     async def _respond(self, request: web.Request, kind: str) -> web.Response:

@@ -231,8 +231,6 @@ class Repository:
     def get_blob(self, blob_id: str) -> bytes:
         return self._get_verified(blob_key(check_object_id(blob_id, "blob id")), blob_id, "blob")
 
-    def get_shard_bytes(self, shard_id: str) -> bytes:
-        return self._get_verified(shard_key(check_object_id(shard_id, "shard id")), shard_id, "shard")
 
     def get_shard_head(self, shard_id: str, size: int) -> dict[str, StreamHeader]:
         """The stream headers of a shard of ``size`` bytes (the manifest's figure), read with range reads only.
@@ -253,10 +251,14 @@ class Repository:
         # object store: keep as many in flight as there are cores, or as the store wants if more,
         # still yielding in order so the consumer's memory stays bounded.
         workers = max(self.concurrency, default_threads())
-        yield from ordered_map(lambda s: (s, self._read_shard(s)), dict.fromkeys(shard_ids), workers)
+        yield from ordered_map(lambda s: (s, self.get_shard_bytes(s)), dict.fromkeys(shard_ids), workers)
 
-    def _read_shard(self, shard_id: str) -> ShardData:
-        """A shard for the load path, hashed as it is read, into a buffer the store may reuse once it is dropped."""
+    def get_shard_bytes(self, shard_id: str) -> ShardData:
+        """A shard checked against its id, for every reader (loads, pulls, the servers).
+
+        Hashed as it is read and read into a buffer the store may reuse once every view of it is
+        dropped (shardstore/buffers.py), so a consumer that keeps the bytes keeps the view.
+        """
         self.check_readable()
         hasher = IdHasher()
         data = self.store.get_buffer(shard_key(check_object_id(shard_id, "shard id")), hasher.update)

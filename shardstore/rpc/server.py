@@ -50,6 +50,7 @@ from shardstore.http.app import HttpContext, HttpListener, create_http_app
 from shardstore.repo.content_index import IndexEntry
 from shardstore.repo.leases import WriteLease
 from shardstore.repo.refs import DEFAULT_TAG, parse_ref
+from shardstore.repo.registry import ShardData
 from shardstore.repo.repository import Repository, blob_key, shard_key
 from shardstore.rpc._generated import registry_pb2 as pb
 from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
@@ -97,12 +98,12 @@ class HotShardCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: OrderedDict[str, ShardData] = OrderedDict()
         self.size = 0
         self.hits = 0
         self.misses = 0
 
-    def get(self, shard_id: str) -> bytes | None:
+    def get(self, shard_id: str) -> ShardData | None:
         data = self._items.get(shard_id)
         if data is None:
             self.misses += 1
@@ -111,7 +112,7 @@ class HotShardCache:
         self.hits += 1
         return data
 
-    def put(self, shard_id: str, data: bytes) -> None:
+    def put(self, shard_id: str, data: ShardData) -> None:
         # A shard larger than a quarter of the cache would evict most of it for one reader.
         if len(data) > self.max_bytes // 4 or shard_id in self._items:
             return
@@ -122,7 +123,7 @@ class HotShardCache:
             self.size -= len(evicted)
 
 
-def _chunks(object_id: str, data: bytes) -> Iterator[tuple[int, bytes]]:
+def _chunks(object_id: str, data: ShardData) -> Iterator[tuple[int, bytes]]:
     """``(payload bytes, serialized ObjectChunk)`` for each chunk of an object, encoded as it is sent."""
     total = len(data)
     if total == 0:
@@ -234,7 +235,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         if remaining is not None and remaining <= 0:
             raise asyncio.CancelledError
 
-    async def _load_shard(self, shard_id: str) -> bytes:
+    async def _load_shard(self, shard_id: str) -> ShardData:
         data = self.cache.get(shard_id)
         if data is None:
             # Repository.get_shard_bytes checks the bytes against the id (invariant 3).
@@ -296,7 +297,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                            ) -> AsyncIterator[bytes]:
         ids = list(dict.fromkeys(request.shard_ids))
         self.active_streams += 1
-        upcoming: asyncio.Future[bytes] | None = None
+        upcoming: asyncio.Future[ShardData] | None = None
         try:
             if len(ids) > MAX_IDS_PER_REQUEST:
                 raise InvalidInputError(f"at most {MAX_IDS_PER_REQUEST} shard ids per request, not {len(ids)}")

@@ -67,7 +67,7 @@ class HostileRegistry(pb_grpc.RegistryServicer):
 
     def StreamShards(self, request: pb.StreamShardsRequest, context: Any) -> Iterator[pb.ObjectChunk]:
         for shard_id in request.shard_ids:
-            data = self.repo.get_shard_bytes(shard_id)
+            data = bytes(self.repo.get_shard_bytes(shard_id))
             yield from (self._flood(shard_id, len(data)) if shard_id == self.target else self._honest(shard_id, data))
 
     def SignObjectUrls(self, request: pb.SignObjectUrlsRequest, context: Any) -> pb.SignObjectUrlsResponse:
