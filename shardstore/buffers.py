@@ -20,11 +20,12 @@ in-flight shards did at their peak, capped.
 
 from __future__ import annotations
 
-import mmap
 import threading
 from typing import Any
 
 import numpy as np
+
+from shardstore.direct_io import aligned_mapping
 
 # Buffers are sized in these steps so shards of slightly different sizes share them.
 _STEP = 1 << 20
@@ -80,7 +81,7 @@ class BufferPool:
                 self.allocated += 1
         if array is None:
             # Page-aligned (an anonymous mapping), so the shard cache can write it past the page cache.
-            array = np.frombuffer(mmap.mmap(-1, rounded), dtype=np.uint8)
+            array = np.frombuffer(aligned_mapping(rounded), dtype=np.uint8)
         return np.asarray(_Lease(self, array, size)).data
 
     def _give(self, array: np.ndarray[Any, Any]) -> None:

@@ -30,9 +30,18 @@ import numpy as np
 ALIGN = 4096
 
 
+def aligned_mapping(size: int) -> mmap.mmap:
+    """``size`` bytes of private anonymous memory, starting on a page boundary; unmapped when its last view goes.
+
+    Private: ``mmap.mmap(-1, n)`` alone maps *shared* anonymous memory, which is shmem (tmpfs)
+    underneath, never in huge pages and dearer to fault in.
+    """
+    return mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
 def aligned_buffer(size: int) -> memoryview:
-    """``size`` writable bytes starting on a page boundary (an anonymous mapping; freed with its last view)."""
-    return memoryview(mmap.mmap(-1, max(size, 1)))[:size]
+    """``size`` writable bytes starting on a page boundary."""
+    return memoryview(aligned_mapping(size))[:size]
 
 
 def address(view: Any) -> int:

@@ -207,9 +207,10 @@ def _write_tensors(
     placements = [Placement(name, manifest.tensors[name], "file") for name in names]
     stats = PipelineStats()
     advance = progress_task(progress, f"pull {label}", sum(manifest.tensors[n].raw_bytes for n in names))
-    # A delta's pieces mostly read the same few base shards: keep the recent ones parsed.
-    read_pieces(source, placements, {"file": sink}, lookup=RecentShards(source), threads=threads or default_threads(),
-                stats=stats, progress=advance)
+    # A delta's pieces mostly read the same few base shards: keep the recent ones parsed. Twice as many
+    # pieces in flight as threads: each spends part of its time waiting for the disk to take its write.
+    read_pieces(source, placements, {"file": sink}, lookup=RecentShards(source),
+                threads=2 * (threads or default_threads()), stats=stats, progress=advance)
     return stats.shards
 
 

@@ -23,7 +23,6 @@ piece of the full tensor.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from typing import Protocol
 
 import numpy as np
 
-from shardstore.direct_io import ALIGN, DirectWriter, aligned_buffer
+from shardstore.buffers import READ_BUFFERS
+from shardstore.direct_io import ALIGN, DirectWriter
 from shardstore.format.dtypes import nbytes
 from shardstore.format.manifest import PieceRef, TensorRecord
 from shardstore.format.shard import Shard, parse_shard
@@ -147,16 +147,15 @@ class FileSpot:
 class FileSink:
     """Pieces written into files at their final offsets (pull): no tensor is ever held whole.
 
-    Each piece is decoded into a scratch buffer of the worker thread's own, reused
-    from piece to piece, then written; memory holds one piece per thread whatever
-    the model's size. The scratch is page-aligned and the piece placed in it at its
-    file offset's place within a page, so the whole pages of a piece can be written
+    Each piece is decoded into a scratch buffer taken from the read-buffer pool (already
+    faulted in, reused from pull to pull), then written; memory holds one piece per piece
+    in flight whatever the model's size. The scratch is page-aligned and the piece placed in
+    it at its file offset's place within a page, so the whole pages of a piece can be written
     straight to the disk, past the page cache (:mod:`shardstore.direct_io`).
     """
 
     def __init__(self, spots: Mapping[str, FileSpot]) -> None:
         self._spots = spots  # tensor name -> where its data goes
-        self._scratch = threading.local()
 
     def allocate(self, placement: Placement) -> None:
         pass
@@ -167,10 +166,7 @@ class FileSink:
         spot = self._spots[placement.name]
         at = spot.offset + start
         lead = at % ALIGN  # the piece sits in the scratch as it will sit in the file's pages
-        scratch: memoryview | None = getattr(self._scratch, "buffer", None)
-        if scratch is None or len(scratch) < lead + size:
-            scratch = self._scratch.buffer = aligned_buffer(lead + size + ALIGN)
-        view = scratch[lead : lead + size]
+        view = READ_BUFFERS.take(lead + size)[lead:]
         yield view
         with naming(spot.path):
             spot.writer.write_at(view, at)
