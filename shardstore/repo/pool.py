@@ -6,10 +6,13 @@ consumer can write them sequentially. Codecs and hashing release the GIL, so
 threads give real parallelism.
 
 The pool is created once and reused: a load does not pay for starting
-threads, and nested maps (a decode that fetches a delta's base shard through
-a source that itself reads in parallel) cannot deadlock, because the pool is
-larger than any nesting needs and each map limits *its own* concurrency to
-``threads`` with a semaphore rather than through the pool's size.
+threads. Nested maps (a decode that fetches a delta's base shard through a
+source that itself reads in parallel) cannot deadlock: each map limits *its
+own* concurrency to ``threads`` with a semaphore taken *before* a task is
+submitted, so the pool only ever holds running tasks, never tasks waiting for
+a slot. Outer tasks that wait for inner ones thus hold at most ``threads``
+workers, and the inner tasks (which wait for nothing) get the rest, as long as
+``threads`` stays below :data:`POOL_WORKERS`.
 """
 
 from __future__ import annotations
@@ -54,13 +57,19 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int, window
     running = threading.BoundedSemaphore(threads)
 
     def limited(item: T) -> R:
-        with running:
+        try:
             return func(item)
+        finally:
+            running.release()
 
     pool = shared_pool()
     pending: deque[Future[R]] = deque()
     try:
         for item in items:
+            # A slot is taken before the task reaches the pool, not inside it: a task waiting for a
+            # slot must not hold a pool worker, or maps nested inside running tasks (a delta's base
+            # shards) could find every worker taken by tasks that wait for them.
+            running.acquire()
             pending.append(pool.submit(limited, item))
             if len(pending) >= window:
                 yield pending.popleft().result()

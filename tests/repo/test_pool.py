@@ -1,0 +1,50 @@
+"""The shared worker pool: maps nested inside running tasks finish however many threads the outer map has."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from shardstore.repo.pool import POOL_WORKERS, ordered_map
+
+
+def test_nested_maps_finish_even_when_the_outer_window_covers_every_worker() -> None:
+    # The shape of a delta pull: each outer task (decode a piece) runs an inner map (fetch its base
+    # shard) on the same pool. With 32 threads the outer window is 64 tasks, every worker: tasks that
+    # waited for a slot inside a worker would leave none for the inner maps.
+    threads = POOL_WORKERS // 2
+    assert 2 * threads >= POOL_WORKERS
+
+    def fetch(i: int) -> int:
+        time.sleep(0.001)
+        return i
+
+    def place(i: int) -> int:
+        time.sleep(0.05)  # long enough for the whole window to be submitted before any inner map starts
+        return next(iter(ordered_map(fetch, [i], 2))) * 2
+
+    got: list[int] = []
+    worker = threading.Thread(target=lambda: got.extend(ordered_map(place, range(200), threads)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "nested maps made no progress in 60 s"
+    assert got == [2 * i for i in range(200)]
+
+
+def test_at_most_threads_tasks_run_at_once_and_results_keep_their_order() -> None:
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    def work(i: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.002)
+        with lock:
+            running -= 1
+        return i
+
+    assert list(ordered_map(work, range(200), 3)) == list(range(200))
+    assert most == 3
