@@ -79,24 +79,30 @@ class DirectWriter:
     def __init__(self, fd: int, path: str | os.PathLike[str]) -> None:
         self.fd = fd
         self._direct = open_direct(path)
+        self._buffered_only = self._direct is None
+        # The unit no write may split between the two paths: a page of the page cache, or a block of
+        # the filesystem where that is larger (64 KiB pages on some arm64 kernels, large XFS blocks).
+        self.align = max(ALIGN, mmap.PAGESIZE, os.fstat(fd).st_blksize)
 
     def write_at(self, view: memoryview, offset: int) -> None:
-        """All of ``view`` at ``offset``: the pages wholly inside it direct, when memory lines up with the file."""
-        direct = self._direct
+        """All of ``view`` at ``offset``: the units wholly inside it direct, when memory lines up with the file."""
+        align = self.align
         end = offset + len(view)
-        first = -(-offset // ALIGN) * ALIGN  # first page boundary at or after the start
-        last = end // ALIGN * ALIGN  # last page boundary at or before the end
-        if direct is None or last - first < ALIGN or (address(view) - offset) % ALIGN:
+        first = -(-offset // align) * align  # first boundary at or after the start
+        last = end // align * align  # last boundary at or before the end
+        if self._buffered_only or last - first < align or (address(view) - offset) % align:
             _pwrite_all(self.fd, view, offset)
             return
         head, tail = first - offset, last - offset
+        assert self._direct is not None
         try:
-            _pwrite_all(direct, view[head:tail], first)
+            _pwrite_all(self._direct, view[head:tail], first)
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
-            # Stricter rules than ours (an odd filesystem): from now on, everything buffered.
-            self._direct = None
+            # Stricter rules than ours (an odd filesystem): from now on, everything buffered. The
+            # direct descriptor stays open (another thread may be writing through it) until close().
+            self._buffered_only = True
             _pwrite_all(self.fd, view[head:tail], first)
         if head:
             _pwrite_all(self.fd, view[:head], offset)
@@ -108,6 +114,7 @@ class DirectWriter:
             with contextlib.suppress(OSError):
                 os.close(self._direct)
             self._direct = None
+            self._buffered_only = True
 
     def __enter__(self) -> DirectWriter:
         return self

@@ -208,9 +208,11 @@ def _write_tensors(
     stats = PipelineStats()
     advance = progress_task(progress, f"pull {label}", sum(manifest.tensors[n].raw_bytes for n in names))
     # A delta's pieces mostly read the same few base shards: keep the recent ones parsed. Twice as many
-    # pieces in flight as threads: each spends part of its time waiting for the disk to take its write.
+    # pieces in flight as threads (a one-thread pull stays one): each spends part of its time waiting
+    # for the disk to take its write.
+    workers = threads or default_threads()
     read_pieces(source, placements, {"file": sink}, lookup=RecentShards(source),
-                threads=2 * (threads or default_threads()), stats=stats, progress=advance)
+                threads=2 * workers if workers > 1 else 1, stats=stats, progress=advance)
     return stats.shards
 
 

@@ -32,7 +32,7 @@ from typing import Protocol
 import numpy as np
 
 from shardstore.buffers import READ_BUFFERS
-from shardstore.direct_io import ALIGN, DirectWriter
+from shardstore.direct_io import DirectWriter
 from shardstore.format.dtypes import nbytes
 from shardstore.format.manifest import PieceRef, TensorRecord
 from shardstore.format.shard import Shard, parse_shard
@@ -165,7 +165,7 @@ class FileSink:
         size = stop - start
         spot = self._spots[placement.name]
         at = spot.offset + start
-        lead = at % ALIGN  # the piece sits in the scratch as it will sit in the file's pages
+        lead = at % spot.writer.align  # the piece sits in the scratch as it will sit in the file's pages
         view = READ_BUFFERS.take(lead + size)[lead:]
         yield view
         with naming(spot.path):

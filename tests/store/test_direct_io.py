@@ -5,12 +5,14 @@ Expectations are built with plain ``bytearray`` slice assignment, never with ``w
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,3 +134,41 @@ def test_a_cache_entry_written_from_a_pooled_buffer_reads_back_whole(tmp_path: P
         shard_id = digest(data)
         cache.put(shard_id, view)
         assert cache.get(shard_id) == data, size
+
+
+def test_a_filesystem_that_refuses_a_direct_write_gets_it_buffered_and_leaks_no_descriptor(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fault this disk cannot produce: O_DIRECT opens, but the write is refused (stricter alignment
+    # than ours). Injected at os.pwrite for the direct descriptors only.
+    import shardstore.direct_io as direct_io
+
+    direct_fds: set[int] = set()
+    real_open, real_pwrite = direct_io.open_direct, os.pwrite
+
+    def tracking_open(path: str | os.PathLike[str]) -> int | None:
+        fd = real_open(path)
+        if fd is not None:
+            direct_fds.add(fd)
+        return fd
+
+    def refusing_pwrite(fd: int, data: Any, offset: int) -> int:
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_io, "open_direct", tracking_open)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    before = len(os.listdir("/proc/self/fd"))
+    for index in range(20):
+        path = tmp_path / f"f{index}"
+        data = os.urandom(3 * PAGE + 5)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            with DirectWriter(fd, path) as writer:
+                writer.write_at(_placed(data, 0), 0)
+                writer.write_at(_placed(data, len(data)), len(data))  # after the refusal: buffered at once
+        finally:
+            os.close(fd)
+        assert path.read_bytes() == data + data
+    assert direct_fds, "the direct path was never tried"
+    assert len(os.listdir("/proc/self/fd")) == before
