@@ -96,6 +96,17 @@ class BufferPool:
             return self._free_bytes
 
 
+def held_bytes(data: bytes | bytearray | memoryview) -> int:
+    """The memory ``data`` keeps alive: the whole pooled buffer a view lives in, else its own length.
+
+    A cache that keeps views must count this, not ``len``: the pool may hand a request a buffer
+    up to twice its rounded size.
+    """
+    owner = data.obj if isinstance(data, memoryview) else None
+    lease = getattr(owner, "base", None)
+    return int(lease._array.nbytes) if isinstance(lease, _Lease) else len(data)
+
+
 # Shards read from local files. 64 MiB idle covers the shards a 16-core load keeps in flight
 # (two per decoding thread, 4 MiB default shards) without holding a model's worth.
 READ_BUFFERS = BufferPool(keep_bytes=64 << 20)

@@ -43,6 +43,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shardstore.buffers import held_bytes
 from shardstore.errors import FormatError, IntegrityError, InvalidInputError, ShardstoreError
 from shardstore.format.digest import check_object_id
 from shardstore.format.manifest import parse_manifest
@@ -113,14 +114,16 @@ class HotShardCache:
         return data
 
     def put(self, shard_id: str, data: ShardData) -> None:
+        # Counted by the memory it keeps (a shard read into a pooled buffer pins all of that buffer).
+        held = held_bytes(data)
         # A shard larger than a quarter of the cache would evict most of it for one reader.
-        if len(data) > self.max_bytes // 4 or shard_id in self._items:
+        if held > self.max_bytes // 4 or shard_id in self._items:
             return
         self._items[shard_id] = data
-        self.size += len(data)
+        self.size += held
         while self.size > self.max_bytes:
             _old, evicted = self._items.popitem(last=False)
-            self.size -= len(evicted)
+            self.size -= held_bytes(evicted)
 
 
 def _chunks(object_id: str, data: ShardData) -> Iterator[tuple[int, bytes]]:

@@ -61,3 +61,18 @@ def test_idle_memory_stays_under_its_cap() -> None:
     del views
     gc.collect()
     assert pool.idle_bytes == 4 * MIB  # two buffers kept; a third would pass 5 MiB
+
+
+def test_a_view_counts_the_whole_pooled_buffer_it_keeps_alive() -> None:
+    from shardstore.buffers import held_bytes
+    from shardstore.rpc.server import HotShardCache
+
+    pool = BufferPool(keep_bytes=16 * MIB)
+    big = pool.take(4 * MIB)
+    del big  # idle: 4 MiB
+    small = pool.take(2 * MIB + 1)  # reuses the 4 MiB buffer (at least half its size)
+    assert held_bytes(small) == 4 * MIB and held_bytes(small[:10]) == 4 * MIB
+    assert held_bytes(b"x" * 100) == 100 and held_bytes(memoryview(bytearray(7))) == 7
+    cache = HotShardCache(max_bytes=32 * MIB)
+    cache.put("a" * 64, small)
+    assert cache.size == 4 * MIB  # what it pins, not the 2 MiB it shows
