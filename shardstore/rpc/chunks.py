@@ -73,7 +73,7 @@ def _read_varint(raw: bytes, at: int) -> tuple[int, int]:
         at += 1
         value |= (byte & 0x7F) << shift
         if byte < 0x80:
-            return value, at
+            return value & 0xFFFF_FFFF_FFFF_FFFF, at  # protobuf keeps the low 64 bits of a longer varint
         shift += 7
         if shift > 63:
             raise ValueError("varint longer than 10 bytes")
@@ -89,6 +89,8 @@ def decode_chunk(raw: bytes) -> Chunk:
         while at < len(raw):
             key, at = _read_varint(raw, at)
             field, kind = key >> 3, key & 7
+            if field == 0 or field >= 1 << 29:
+                raise ValueError(f"field number {field}")
             if kind == _VARINT:
                 value, at = _read_varint(raw, at)
                 if field == _OFFSET:

@@ -65,6 +65,7 @@ def test_a_message_protobuf_cannot_read_comes_back_malformed_never_raising() -> 
         bytes([13 << 3 | 3]),  # group start: a wire type this message never uses
         bytes([13 << 3 | 7]),  # no such wire type
         bytes([10 << 3 | 1, 1, 2]),  # fixed64 cut short
+        bytes([0 << 3 | 0, 1]),  # field number 0
     ]
     for raw in bad:
         with pytest.raises(Exception):  # noqa: B017 - any error: protobuf refuses these too
