@@ -129,11 +129,8 @@ class HotShardCache:
 def _chunks(object_id: str, data: ShardData) -> Iterator[tuple[int, bytes]]:
     """``(payload bytes, serialized ObjectChunk)`` for each chunk of an object, encoded as it is sent."""
     total = len(data)
-    if total == 0:
-        yield 0, encode_chunk(object_id, 0, 0, b"")
-        return
     view = memoryview(data)
-    for start in range(0, total, CHUNK_BYTES):
+    for start in range(0, max(total, 1), CHUNK_BYTES):  # an empty object is one empty chunk
         part = view[start : start + CHUNK_BYTES]
         yield len(part), encode_chunk(object_id, start, total, part)
 
