@@ -7,9 +7,10 @@ a buffered write of 1 GiB of fresh page cache took 2.6 s of CPU against 0.04 s w
 disk before ``pull`` returns anyway (it fsyncs), so direct writes cost no wall time either.
 
 How it stays correct. ``O_DIRECT`` wants the memory, the file offset and the length aligned.
-:func:`write_at` sends only the whole 4 KiB pages in the middle of a write direct, and the
-unaligned edges through the ordinary descriptor. A page is thus written either only direct or
-only through the page cache, never both: mixing the two on one page can lose a write when threads
+:meth:`DirectWriter.write_at` sends only the whole units in the middle of a write direct (4 KiB
+pages, or the page or filesystem block where either is larger), and the unaligned edges through
+the ordinary descriptor. A page is thus written either only direct or only through the page
+cache, never both: mixing the two on one page can lose a write when threads
 race (the kernel warns "Page cache invalidation failure on direct I/O"). Where the filesystem
 refuses ``O_DIRECT`` (tmpfs, some network filesystems) or the memory is not aligned with the file
 offset, everything goes through the ordinary descriptor, as before.
@@ -37,11 +38,6 @@ def aligned_mapping(size: int) -> mmap.mmap:
     underneath, never in huge pages and dearer to fault in.
     """
     return mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
-def aligned_buffer(size: int) -> memoryview:
-    """``size`` writable bytes starting on a page boundary."""
-    return memoryview(aligned_mapping(size))[:size]
 
 
 def address(view: Any) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from shardstore.buffers import READ_BUFFERS
-from shardstore.direct_io import ALIGN, DirectWriter, aligned_buffer, open_direct
+from shardstore.direct_io import ALIGN, DirectWriter, aligned_mapping, open_direct
 from shardstore.format.digest import digest
 from shardstore.store.cache import ShardCache
 
@@ -37,7 +37,7 @@ def _resident_pages(path: Path) -> int:
 def _placed(data: bytes, offset: int) -> memoryview:
     """``data`` in page-aligned memory at ``offset``'s place within a page, as the pull's scratch holds a piece."""
     lead = offset % PAGE
-    buffer = aligned_buffer(lead + len(data))
+    buffer = memoryview(aligned_mapping(lead + len(data)))
     buffer[lead:] = data
     return buffer[lead:]
 
