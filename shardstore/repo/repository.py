@@ -73,6 +73,7 @@ def _mismatch(kind: str, object_id: str) -> IntegrityError:
     """What a read says of an object whose bytes do not hash to its id, however it was read."""
     return IntegrityError(f"{kind} {object_id}: content does not match its id (corrupt or truncated)")
 
+
 class Repository:
     """Reads and writes the objects of one store, in the order the invariants require."""
 
@@ -230,7 +231,6 @@ class Repository:
 
     def get_blob(self, blob_id: str) -> bytes:
         return self._get_verified(blob_key(check_object_id(blob_id, "blob id")), blob_id, "blob")
-
 
     def get_shard_head(self, shard_id: str, size: int) -> dict[str, StreamHeader]:
         """The stream headers of a shard of ``size`` bytes (the manifest's figure), read with range reads only.
