@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
@@ -48,7 +48,8 @@ def shared_pool() -> ThreadPoolExecutor:
         return _pool
 
 
-def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None) -> Iterator[R]:
+def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None
+                ) -> Generator[R, None, None]:
     """``map(func, items)`` with at most ``threads`` calls running and ``window`` (default 2 x threads) in flight."""
     if threads <= 1:
         yield from map(func, items)

@@ -15,7 +15,8 @@ import contextlib
 import fnmatch
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from concurrent.futures import wait
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -23,15 +24,26 @@ from typing import Any
 from shardstore.direct_io import DirectWriter
 from shardstore.errors import InvalidInputError, NotFoundError
 from shardstore.format import canonical_json
-from shardstore.format.manifest import FileRecord, Manifest
+from shardstore.format.manifest import BlobRecord, FileRecord, Manifest
 from shardstore.format.safetensors_io import build_header
 from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.model_files import INDEX_SUFFIX
 from shardstore.repo.pieces import RecentShards
-from shardstore.repo.pool import default_threads
+from shardstore.repo.pool import default_threads, ordered_map, shared_pool
 from shardstore.repo.read_path import FileSink, FileSpot, PipelineStats, Placement, naming, read_pieces
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.registry import ModelSource
+
+# Objects fetched at once before and after the shards: safetensors headers, and non-tensor files of at
+# most SMALL_BLOB_BYTES (larger ones one at a time). Over a link with a 20 ms round trip a folder of a
+# dozen files otherwise waits a quarter of a second for them one by one. A header's size is not in the
+# manifest, only capped (MAX_HEADER_BYTES): four in flight keep what a server can make us hold for
+# headers to four caps, refused by id as each completes.
+HEADERS_IN_FLIGHT = 4
+SMALL_BLOBS_IN_FLIGHT = 8
+SMALL_BLOB_BYTES = 8 << 20
+# Small files fetched while the shards stream are held until the weights are written: at most this much.
+PREFETCH_BLOB_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,29 @@ class _OpenFile:
     fd: int
     offsets: dict[str, int]  # tensor name → absolute offset of its data in the file
     writer: DirectWriter
+
+
+def _open_file(root: Path, record: FileRecord, manifest: Manifest, selected: set[str],
+               header: bytes | None) -> _OpenFile:
+    """``record``'s file created under a temporary name, its header written and its size set."""
+    head, offsets = _layout(record, manifest, selected, header)
+    path = safe_path(root, record.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    handle = _OpenFile(path, partial, fd, offsets, DirectWriter(fd, partial))
+    size = len(head) + sum(manifest.tensors[n].raw_bytes for n in offsets)
+    try:
+        with naming(path):
+            os.pwrite(fd, head, 0)
+            os.ftruncate(fd, size)
+    except BaseException:
+        handle.writer.close()
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+        raise
+    return handle
 
 
 def _layout(
@@ -141,25 +176,24 @@ def write_model(
 
     open_files: list[_OpenFile] = []
     where: dict[str, _OpenFile] = {}
+    records = [r for r in manifest.files if selected.intersection(r.tensors)]
+
+    def original_header(record: FileRecord) -> bytes | None:
+        # A file pulled whole gets its header back byte for byte; a subset gets a fresh one.
+        return source.get_blob(record.header) if selected.issuperset(record.tensors) else None
+
+    wanted_blobs = _wanted_blobs(manifest, excluded)
+    # The small files come while the shards stream (their round trips hidden behind it), and are
+    # written only once the weights are complete, as before.
+    early = _BlobPrefetch(source, wanted_blobs) if selected_names else None
     try:
-        for record in manifest.files:
-            if not selected.intersection(record.tensors):
-                continue
-            whole = selected.issuperset(record.tensors)
-            header = source.get_blob(record.header) if whole else None
-            head, offsets = _layout(record, manifest, selected, header)
-            path = safe_path(root, record.path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f".{path.name}.partial")
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            handle = _OpenFile(path, partial, fd, offsets, DirectWriter(fd, partial))
-            open_files.append(handle)
-            size = len(head) + sum(manifest.tensors[n].raw_bytes for n in offsets)
-            with naming(path):
-                os.pwrite(fd, head, 0)
-                os.ftruncate(fd, size)
-            for name in offsets:
-                where[name] = handle
+        # Headers come several at once: over a real link each one is a round trip.
+        headers = contextlib.closing(ordered_map(original_header, records, HEADERS_IN_FLIGHT,
+                                                 window=HEADERS_IN_FLIGHT))
+        with headers as fetched_headers:
+            for record, header in zip(records, fetched_headers, strict=True):
+                open_files.append(_open_file(root, record, manifest, selected, header))
+                where.update(dict.fromkeys(open_files[-1].offsets, open_files[-1]))
         fetched = _write_tensors(source, manifest, selected_names, where, threads, progress, ref) if selected_names \
             else 0
         for handle in open_files:
@@ -170,6 +204,8 @@ def write_model(
                 handle.fd = -1
                 os.replace(handle.partial, handle.path)
     finally:
+        if early is not None:
+            early.settle()
         for handle in open_files:
             handle.writer.close()
             if handle.fd >= 0:
@@ -177,14 +213,14 @@ def write_model(
                 with contextlib.suppress(FileNotFoundError):
                     handle.partial.unlink()
 
-    blob_count = _write_blobs(source, manifest, root, selected if subset else None, excluded)
+    _write_blobs(source, wanted_blobs, root, selected if subset else None, early.result() if early else {})
     cached = source.cached_shards - cached_before
     return PullReport(
         ref=ref,
         manifest_id=manifest_id,
         dest=str(root),
         tensors=len(selected_names),
-        files=len(open_files) + blob_count,
+        files=len(open_files) + len(wanted_blobs),
         raw_bytes=sum(manifest.tensors[n].raw_bytes for n in selected_names),
         transferred_bytes=source.transferred_bytes - received_before,
         shards_fetched=fetched - cached,
@@ -239,28 +275,78 @@ def select_tensors(manifest: Manifest, include: list[str], exclude: list[str]) -
     return chosen
 
 
-def _write_blobs(source: ModelSource, manifest: Manifest, root: Path, subset: set[str] | None,
-                 exclude: list[str]) -> int:
-    """The non-tensor files, all but those ``exclude`` matches (by path or name); returns how many."""
-    written = 0
-    for rel, blob in manifest.blobs.items():
-        if _matches(rel, exclude) or _matches(rel.rsplit("/", 1)[-1], exclude):
-            continue
-        written += 1
-        data = source.get_blob(blob.id)
-        if subset is not None and rel.endswith(INDEX_SUFFIX):
-            data = _filtered_index(data, subset, rel)
-        path = safe_path(root, rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        try:
-            with naming(path):
-                partial.write_bytes(data)
-                os.replace(partial, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
-    return written
+def _wanted_blobs(manifest: Manifest, exclude: list[str]) -> list[tuple[str, BlobRecord]]:
+    """The non-tensor files to write: all but those ``exclude`` matches (by path or name)."""
+    return [(rel, blob) for rel, blob in manifest.blobs.items()
+            if not (_matches(rel, exclude) or _matches(rel.rsplit("/", 1)[-1], exclude))]
+
+
+class _BlobPrefetch:
+    """The small non-tensor files, fetched in the background (several at once) while the shards stream.
+
+    Only files of at most :data:`SMALL_BLOB_BYTES`, and no more than :data:`PREFETCH_BLOB_BYTES` of
+    them in all, are held: the rest are fetched when they are written.
+    """
+
+    def __init__(self, source: ModelSource, wanted: list[tuple[str, BlobRecord]]) -> None:
+        ids: list[str] = []
+        held = 0
+        for _rel, blob in wanted:
+            if blob.size <= SMALL_BLOB_BYTES and held + blob.size <= PREFETCH_BLOB_BYTES and blob.id not in ids:
+                ids.append(blob.id)
+                held += blob.size
+        self._future = shared_pool().submit(self._fetch, source, ids) if ids else None
+
+    @staticmethod
+    def _fetch(source: ModelSource, ids: list[str]) -> dict[str, bytes]:
+        return dict(zip(ids, ordered_map(source.get_blob, ids, SMALL_BLOBS_IN_FLIGHT, window=SMALL_BLOBS_IN_FLIGHT),
+                        strict=True))
+
+    def settle(self) -> None:
+        """Wait for the fetches (a pull that fails must not leave them running); their error waits for result()."""
+        if self._future is not None:
+            wait([self._future])
+
+    def result(self) -> dict[str, bytes]:
+        return self._future.result() if self._future is not None else {}
+
+
+def _write_blobs(source: ModelSource, wanted: list[tuple[str, BlobRecord]], root: Path, subset: set[str] | None,
+                 prefetched: Mapping[str, bytes]) -> None:
+    """The non-tensor files, each under a temporary name renamed into place.
+
+    A Hugging Face folder holds a dozen small files (config, tokenizer, README...). Those not
+    already prefetched are fetched several at once (each a round trip over a real link); larger
+    ones one at a time, so at most :data:`SMALL_BLOBS_IN_FLIGHT` small blobs and one large one are
+    held at once beyond the prefetched ones.
+    """
+    def write(item: tuple[str, BlobRecord]) -> None:
+        rel, blob = item
+        data = prefetched[blob.id] if blob.id in prefetched else source.get_blob(blob.id)
+        _write_blob(root, rel, data, subset)
+
+    small = [item for item in wanted if item[1].size <= SMALL_BLOB_BYTES]
+    for _ in ordered_map(write, small, SMALL_BLOBS_IN_FLIGHT, window=SMALL_BLOBS_IN_FLIGHT):
+        pass
+    for item in wanted:
+        if item[1].size > SMALL_BLOB_BYTES:
+            write(item)
+
+
+def _write_blob(root: Path, rel: str, data: bytes, subset: set[str] | None) -> None:
+    """One non-tensor file, written under a temporary name and renamed into place."""
+    if subset is not None and rel.endswith(INDEX_SUFFIX):
+        data = _filtered_index(data, subset, rel)
+    path = safe_path(root, rel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with naming(path):
+            partial.write_bytes(data)
+            os.replace(partial, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
 
 
 def _filtered_index(data: bytes, subset: set[str], rel: str) -> bytes:
