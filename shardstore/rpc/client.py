@@ -102,6 +102,10 @@ INDEX_KEYS_PER_REQUEST = 20_000
 # Signed URLs are asked for this many shards at a time, just before they are fetched, so that
 # none expires while earlier batches download and a request stays small.
 SIGN_BATCH = 64
+# Blobs smaller than this (config, tokenizer, README; and safetensors headers, whose size no
+# manifest gives) always come through the server: a signed URL would cost a round trip to sign and
+# another to the bucket where the server's stream costs one, to save the server a few KB.
+SIGNED_BLOB_MIN_BYTES = 1 << 20
 
 _DONE = object()
 # A safetensors header blob: its 8-byte length, then at most MAX_HEADER_BYTES of JSON.
@@ -219,6 +223,9 @@ class GrpcClient:
         # Signed URLs carry their own credential; the server says whether its store can sign.
         self._signed_http = HttpObjectFetcher(timeout=idle_timeout or DEFAULT_TIMEOUT_S) if signed_urls else None
         self._can_sign = signed_urls
+        # Asked as soon as a manifest is known, answered while headers and files are fetched: whether
+        # the server can sign at all (a server over a local folder cannot). See _probe_signing.
+        self._sign_probe: grpc.Future | None = None
         options = [
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
             ("grpc.max_send_message_length", MESSAGE_LIMIT),
@@ -356,6 +363,7 @@ class GrpcClient:
         # parse_manifest checks the bytes against the id before anything else.
         manifest = parse_manifest(self._retrying(f"get manifest {manifest_id}", call), manifest_id)
         self._expect(manifest)
+        self._probe_signing(manifest)
         return manifest
 
     def _expect(self, manifest: Manifest) -> None:
@@ -372,6 +380,12 @@ class GrpcClient:
         """The most bytes ``object_id`` may have: its manifest's size, else a cap."""
         with self._lock:
             return self._expected_sizes.get(object_id, (MAX_OBJECT_BYTES, False))[0]
+
+    def _known_large(self, blob_id: str) -> bool:
+        """Whether a verified manifest says ``blob_id`` has at least SIGNED_BLOB_MIN_BYTES."""
+        with self._lock:
+            size, exact = self._expected_sizes.get(blob_id, (0, False))
+        return exact and size >= SIGNED_BLOB_MIN_BYTES
 
     def _bound(self, label: str, object_id: str, declared: int, received: int) -> None:
         """Refuse a stream that declares or sends more than the object may have (exact when a manifest said)."""
@@ -484,13 +498,38 @@ class GrpcClient:
                 return left + shard_ids[start + len(batch) :]
         return left
 
+    def _probe_signing(self, manifest: Manifest) -> None:
+        """Ask, without waiting, for one shard's URL: the first shard fetch then knows whether to sign.
+
+        Without it a pull from a server that cannot sign spends a whole round trip, just before its
+        shards, learning so; the probe's round trip runs while headers and files are fetched.
+        """
+        first = next(iter(manifest.shards), None)
+        with self._lock:
+            if first is None or self._sign_probe is not None or not self._can_sign or self._signed_http is None:
+                return
+            self._sign_probe = self._stub.SignObjectUrls.future(
+                pb.SignObjectUrlsRequest(kind=pb.OBJECT_KIND_SHARD, ids=[first]), timeout=self._sign_deadline,
+                metadata=self._metadata)
+
+    @property
+    def _sign_deadline(self) -> float:
+        # Signing is a shortcut: a server slow to sign is not waited for longer than a stalled stream would be.
+        return min(self.timeout, self.idle_timeout or self.timeout)
+
     def _sign(self, kind: pb.ObjectKind, ids: list[str]) -> list[str] | None:
         """Signed URLs for ``ids`` (same order), or None when the server cannot or will not sign."""
-        # Signing is a shortcut: a server slow to sign is not waited for longer than a stalled stream would be.
-        deadline = min(self.timeout, self.idle_timeout or self.timeout)
+        with self._lock:
+            probe, self._sign_probe = self._sign_probe, None
         try:
-            response = self._stub.SignObjectUrls(pb.SignObjectUrlsRequest(kind=kind, ids=ids), timeout=deadline,
-                                                 metadata=self._metadata)
+            if probe is not None:
+                answer = probe.result()
+                self._count(answer.ByteSize())
+                if len(answer.urls) != 1:
+                    self._can_sign = False  # the store cannot sign: don't ask at all
+                    return None
+            response = self._stub.SignObjectUrls(pb.SignObjectUrlsRequest(kind=kind, ids=ids),
+                                                 timeout=self._sign_deadline, metadata=self._metadata)
         except grpc.RpcError as exc:
             # UNIMPLEMENTED: a server older than SignObjectUrls. Anything else, the stream reports properly (or
             # works); either way this client streams from now on instead of asking again for every batch.
@@ -513,7 +552,7 @@ class GrpcClient:
         if self._mirror_http is not None:
             data = self._mirror_http.get(blob_id, f"{self.mirror}/v1/blobs/{blob_id}", "blob",
                                          self._size_limit(blob_id))
-        if data is None and self._signed_http is not None and self._can_sign:
+        if data is None and self._signed_http is not None and self._can_sign and self._known_large(blob_id):
             urls = self._sign(pb.OBJECT_KIND_BLOB, [blob_id])
             data = self._signed_http.get(blob_id, urls[0], "blob", self._size_limit(blob_id)) if urls else None
         if data is not None:

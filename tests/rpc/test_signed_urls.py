@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -60,8 +62,13 @@ def test_eight_clients_pull_through_signed_urls_and_a_wrong_byte_is_refused(
         assert errors == []
         for index in range(CLIENTS):
             assert tree_snapshot(tmp_path / f"out{index}") == tree_snapshot(minilm_bf16_dir)
-        # Weights and files came from the bucket: the server sent no object byte, only signed URLs.
-        assert servicer.sent_shard_bytes == 0 and servicer.sent_bytes == 0
+        # Weights came from the bucket: the server sent no shard byte, only signed URLs. The small files
+        # (all under 1 MiB here) and the header came through the server, one stream each, every client.
+        header_bytes = int.from_bytes((minilm_bf16_dir / "model.safetensors").read_bytes()[:8], "little")
+        small_files = sum(p.stat().st_size for p in minilm_bf16_dir.rglob("*")
+                          if p.is_file() and p.name != "model.safetensors")
+        assert servicer.sent_shard_bytes == 0
+        assert servicer.sent_blob_bytes == CLIENTS * (small_files + header_bytes)
         assert servicer.signed_urls >= CLIENTS * len(shard_ids)
 
         # A URL that answers the wrong bytes: refused, and that one shard comes through the server.
@@ -111,3 +118,22 @@ def test_signed_urls_need_a_read_token(minilm_bf16_dir: Path, s3_endpoint: str, 
         with connect(f"grpc://{server.address}", token=token) as reader:
             urls = reader._sign(pb.OBJECT_KIND_SHARD, [shard_id])
         assert urls is not None and urlsplit(urls[0]).path.endswith(shard_id)
+
+
+def test_only_large_files_come_through_signed_urls(minilm_bf16_dir: Path, s3_endpoint: str, s3_bucket: str,
+                                                    tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(minilm_bf16_dir, folder)
+    big = os.urandom(3 << 20)  # a 3 MiB file (a sentencepiece model, say): worth a trip to the bucket
+    (folder / "tokenizer.model").write_bytes(big)
+    store_url = f"s3://{s3_bucket}/large-files"
+    shardstore.push(folder, "minilm:v1", store=store_url)
+    with BackgroundServer(open_store(store_url)) as server:
+        shardstore.pull(f"grpc://{server.address}/minilm:v1", tmp_path / "out", cache=tmp_path / "cache")
+        sent_blobs = server.servicer.sent_blob_bytes
+    assert tree_snapshot(tmp_path / "out") == tree_snapshot(folder)
+    header_bytes = int.from_bytes((folder / "model.safetensors").read_bytes()[:8], "little")
+    small_files = sum(p.stat().st_size for p in folder.rglob("*")
+                      if p.is_file() and p.name not in ("model.safetensors", "tokenizer.model"))
+    # The header and every small file through the server; the 3 MiB file from the bucket.
+    assert sent_blobs == small_files + header_bytes
