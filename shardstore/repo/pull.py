@@ -188,12 +188,12 @@ def write_model(
     early = _BlobPrefetch(source, wanted_blobs) if selected_names else None
     try:
         # Headers come several at once: over a real link each one is a round trip.
-        headers = contextlib.closing(ordered_map(original_header, records, HEADERS_IN_FLIGHT,
-                                                 window=HEADERS_IN_FLIGHT))
-        with headers as fetched_headers:
-            for record, header in zip(records, fetched_headers, strict=True):
-                open_files.append(_open_file(root, record, manifest, selected, header))
-                where.update(dict.fromkeys(open_files[-1].offsets, open_files[-1]))
+        with contextlib.closing(ordered_map(original_header, records, HEADERS_IN_FLIGHT,
+                                            window=HEADERS_IN_FLIGHT)) as headers:
+            for record, header in zip(records, headers, strict=True):
+                handle = _open_file(root, record, manifest, selected, header)
+                open_files.append(handle)
+                where.update(dict.fromkeys(handle.offsets, handle))
         fetched = _write_tensors(source, manifest, selected_names, where, threads, progress, ref) if selected_names \
             else 0
         for handle in open_files:
@@ -325,12 +325,14 @@ def _write_blobs(source: ModelSource, wanted: list[tuple[str, BlobRecord]], root
         data = prefetched[blob.id] if blob.id in prefetched else source.get_blob(blob.id)
         _write_blob(root, rel, data, subset)
 
-    small = [item for item in wanted if item[1].size <= SMALL_BLOB_BYTES]
+    small: list[tuple[str, BlobRecord]] = []
+    large: list[tuple[str, BlobRecord]] = []
+    for item in wanted:
+        (small if item[1].size <= SMALL_BLOB_BYTES else large).append(item)
     for _ in ordered_map(write, small, SMALL_BLOBS_IN_FLIGHT, window=SMALL_BLOBS_IN_FLIGHT):
         pass
-    for item in wanted:
-        if item[1].size > SMALL_BLOB_BYTES:
-            write(item)
+    for item in large:
+        write(item)
 
 
 def _write_blob(root: Path, rel: str, data: bytes, subset: set[str] | None) -> None:
