@@ -248,6 +248,13 @@ class PlainStreamServer:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
+    @classmethod
+    def client_of(cls, port: int, total: int) -> PlainStreamServer:
+        """Only the client side, for a server of ``total`` bytes listening on ``port`` (another process)."""
+        client = cls.__new__(cls)
+        client.port, client.total = port, total
+        return client
+
     def fetch(self) -> Callable[[], None]:
         import grpc
 
@@ -337,10 +344,7 @@ def plain_stream_process(files: list[Path], rate: float | None) -> Iterator[Plai
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
-        client = PlainStreamServer.__new__(PlainStreamServer)
-        client.port = int(proc.stdout.readline())
-        client.total = sum(path.stat().st_size for path in files)
-        yield client
+        yield PlainStreamServer.client_of(int(proc.stdout.readline()), sum(path.stat().st_size for path in files))
     finally:
         proc.terminate()
         proc.wait(timeout=30)

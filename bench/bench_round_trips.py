@@ -159,8 +159,7 @@ def _rows(root: Path, ours_port: int, plain: PlainStreamServer, plain_port: int)
             ours()
 
     # The plain stream's client, pointed at its proxy.
-    through_proxy = PlainStreamServer.__new__(PlainStreamServer)
-    through_proxy.port, through_proxy.total = plain_port, plain.total
+    through_proxy = PlainStreamServer.client_of(plain_port, plain.total)
     return {"ours": ours, "ours, one at a time": ours_sequential, "plain": through_proxy.fetch()}
 
 
