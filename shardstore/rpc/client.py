@@ -275,6 +275,14 @@ class GrpcClient:
         time.sleep(delay)
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """``call()``, tried again while the server is busy or unreachable; then a one-line error naming ``what``."""
+        try:
+            return self._with_retries(call)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, f"{what} at {self.address}", self._hint(exc)) from None
+
+    def _with_retries(self, call: Callable[[], T]) -> T:
+        """``call()``, tried again on a retryable status with backoff; the last ``grpc.RpcError`` otherwise."""
         attempt = 0
         failing_since = 0.0
         while True:
@@ -287,7 +295,7 @@ class GrpcClient:
                     self._sleep_before_retry(attempt, failing_since)
                     attempt += 1
                     continue
-                raise error_from_rpc(exc, f"{what} at {self.address}", self._hint(exc)) from None
+                raise
 
     @property
     def _unary_options(self) -> dict[str, Any]:
@@ -517,19 +525,33 @@ class GrpcClient:
         # Signing is a shortcut: a server slow to sign is not waited for longer than a stalled stream would be.
         return min(self.timeout, self.idle_timeout or self.timeout)
 
+    def _probe_says_it_can(self, probe: grpc.Future) -> bool:
+        """The probe's answer: True when it got a URL, or when it only met a busy server (then ask anyway)."""
+        try:
+            answer = probe.result()
+        except grpc.RpcError as exc:
+            if exc.code() in RETRYABLE_CODES:
+                return True
+            raise
+        self._count(answer.ByteSize())
+        return len(answer.urls) == 1
+
     def _sign(self, kind: pb.ObjectKind, ids: list[str]) -> list[str] | None:
         """Signed URLs for ``ids`` (same order), or None when the server cannot or will not sign."""
         with self._lock:
             probe, self._sign_probe = self._sign_probe, None
+
+        def ask() -> pb.SignObjectUrlsResponse:
+            answer: pb.SignObjectUrlsResponse = self._stub.SignObjectUrls(
+                pb.SignObjectUrlsRequest(kind=kind, ids=ids), timeout=self._sign_deadline, metadata=self._metadata)
+            return answer
+
         try:
-            if probe is not None:
-                answer = probe.result()
-                self._count(answer.ByteSize())
-                if len(answer.urls) != 1:
-                    self._can_sign = False  # the store cannot sign: don't ask at all
-                    return None
-            response = self._stub.SignObjectUrls(pb.SignObjectUrlsRequest(kind=kind, ids=ids),
-                                                 timeout=self._sign_deadline, metadata=self._metadata)
+            if probe is not None and not self._probe_says_it_can(probe):
+                self._can_sign = False  # the store cannot sign: don't ask at all
+                return None
+            # A busy server is asked again, as for any other call: busy is not "cannot sign".
+            response = self._with_retries(ask)
         except grpc.RpcError as exc:
             # UNIMPLEMENTED: a server older than SignObjectUrls. Anything else, the stream reports properly (or
             # works); either way this client streams from now on instead of asking again for every batch.

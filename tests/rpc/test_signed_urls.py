@@ -6,6 +6,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -18,7 +19,8 @@ from shardstore.api import connect
 from shardstore.format.digest import digest
 from shardstore.repo.repository import Repository
 from shardstore.rpc.background import BackgroundServer
-from shardstore.store import LocalStore, open_store
+from shardstore.rpc.server import RegistryServicer
+from shardstore.store import LocalStore, Store, open_store
 
 CLIENTS = 8
 
@@ -137,3 +139,32 @@ def test_only_large_files_come_through_signed_urls(minilm_bf16_dir: Path, s3_end
                       if p.is_file() and p.name not in ("model.safetensors", "tokenizer.model"))
     # The header and every small file through the server; the 3 MiB file from the bucket.
     assert sent_blobs == small_files + header_bytes
+
+
+class BusyAtFirst(RegistryServicer):
+    """Answers its first two SignObjectUrls calls "busy" (RESOURCE_EXHAUSTED), as the per-address cap does."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.refused = 0
+
+    async def SignObjectUrls(self, request: Any, context: Any) -> Any:
+        if self.refused < 2:
+            self.refused += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "server busy; retry")
+        return await super().SignObjectUrls(request, context)
+
+
+def test_a_busy_server_is_asked_again_not_taken_for_one_that_cannot_sign(
+    minilm_bf16_dir: Path, s3_endpoint: str, s3_bucket: str, tmp_path: Path
+) -> None:
+    store_url = f"s3://{s3_bucket}/busy"
+    shardstore.push(minilm_bf16_dir, "minilm:v1", store=store_url)
+    store = open_store(store_url)
+    servicer = BusyAtFirst(store)
+    with BackgroundServer(store, servicer=servicer) as server:
+        shardstore.pull(f"grpc://{server.address}/minilm:v1", tmp_path / "out", cache=tmp_path / "cache")
+    assert tree_snapshot(tmp_path / "out") == tree_snapshot(minilm_bf16_dir)
+    # The probe and the first real call were refused, and the shards still came from the bucket.
+    assert servicer.refused == 2
+    assert servicer.sent_shard_bytes == 0 and servicer.signed_urls > 0
