@@ -49,8 +49,12 @@ class ShardSource(Protocol):
 class ModelSource(ShardSource, Protocol):
     """The read half: what pull, the lazy view and the loader need."""
 
-    def resolve(self, ref: Ref) -> str:
-        """The manifest id ``ref`` points at (:class:`~shardstore.errors.NotFoundError` when none)."""
+    def resolve(self, ref: Ref, *, with_manifest: bool = True) -> str:
+        """The manifest id ``ref`` points at (:class:`~shardstore.errors.NotFoundError` when none).
+
+        ``with_manifest``: the caller reads that manifest next, so a remote registry brings it in the
+        same round trip; False where only the id matters (a snapshot that may already be on disk).
+        """
         ...
 
     def get_manifest(self, manifest_id: str) -> Manifest:

@@ -183,7 +183,8 @@ class Repository:
         except NotFoundError:
             return self.store.get(ref.legacy_key)
 
-    def resolve(self, ref: Ref) -> str:
+    def resolve(self, ref: Ref, *, with_manifest: bool = True) -> str:
+        # with_manifest saves a round trip to a server; reading the manifest from a store is no dearer later.
         self.check_readable()
         try:
             value = self._read_ref(ref).decode("ascii", "replace").strip()

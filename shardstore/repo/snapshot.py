@@ -65,7 +65,8 @@ def snapshot(source: ModelSource, ref_text: str, root: str | os.PathLike[str], *
     started = time.perf_counter()
     received_before = source.transferred_bytes
     ref = parse_ref(ref_text)
-    manifest_id = source.resolve(ref)
+    # Most calls find the snapshot on disk: the manifest is asked for only when it is not.
+    manifest_id = source.resolve(ref, with_manifest=False)
     final = snapshot_path(root, manifest_id)
     if final.is_dir():
         return SnapshotReport(str(ref), manifest_id, str(final), True, source.transferred_bytes - received_before,

@@ -245,6 +245,8 @@ class GrpcClient:
         # The size each object must have, from the manifests this client fetched (exact), or a cap
         # (safetensors headers): a server's stream is never believed past what was asked for.
         self._expected_sizes: dict[str, tuple[int, bool]] = {}
+        # The manifest the last resolve brought along (id, bytes): one, so it is bounded by one message.
+        self._resolved_manifest: tuple[str, bytes] = ("", b"")
         self._received = 0
         self.cached_shards = 0
         self.fetched_shards = 0
@@ -352,24 +354,36 @@ class GrpcClient:
 
     # -- reads (ModelSource) ---------------------------------------------------------------
 
-    def resolve(self, ref: Ref) -> str:
-        def call() -> str:
-            response = self._stub.ResolveRef(pb.ResolveRefRequest(name=ref.name, tag=ref.tag), **self._unary_options)
+    def resolve(self, ref: Ref, *, with_manifest: bool = True) -> str:
+        """The ref's manifest id; ``with_manifest``, the manifest comes in the same answer and waits for
+        :meth:`get_manifest` (one round trip where there were two)."""
+        def call() -> tuple[str, bytes]:
+            request = pb.ResolveRefRequest(name=ref.name, tag=ref.tag, with_manifest=with_manifest)
+            response = self._stub.ResolveRef(request, **self._unary_options)
             self._count(response.ByteSize())
-            return str(response.manifest_id)
+            return str(response.manifest_id), bytes(response.manifest)
 
-        return check_object_id(self._retrying(f"resolve {ref}", call), f"manifest id in ref {ref}")
+        manifest_id, data = self._retrying(f"resolve {ref}", call)
+        check_object_id(manifest_id, f"manifest id in ref {ref}")
+        if data:
+            with self._lock:
+                self._resolved_manifest = (manifest_id, data)
+        return manifest_id
 
     def get_manifest(self, manifest_id: str) -> Manifest:
         check_object_id(manifest_id, "manifest id")
+        with self._lock:
+            held_id, data = self._resolved_manifest
+        if held_id != manifest_id:
+            def call() -> bytes:
+                response = self._stub.GetManifest(pb.GetManifestRequest(manifest_id=manifest_id),
+                                                  **self._unary_options)
+                self._count(response.ByteSize())
+                return bytes(response.manifest)
 
-        def call() -> bytes:
-            response = self._stub.GetManifest(pb.GetManifestRequest(manifest_id=manifest_id), **self._unary_options)
-            self._count(response.ByteSize())
-            return bytes(response.manifest)
-
-        # parse_manifest checks the bytes against the id before anything else.
-        manifest = parse_manifest(self._retrying(f"get manifest {manifest_id}", call), manifest_id)
+            data = self._retrying(f"get manifest {manifest_id}", call)
+        # parse_manifest checks the bytes against the id before anything else, wherever they came from.
+        manifest = parse_manifest(data, manifest_id)
         self._expect(manifest)
         self._probe_signing(manifest)
         return manifest
@@ -831,7 +845,7 @@ class GrpcClient:
 
     def tag(self, src: Ref, dst: Ref) -> str:
         """Point ``dst`` at the manifest ``src`` points at: ResolveRef (read) then SetRef (write)."""
-        manifest_id = self.resolve(src)
+        manifest_id = self.resolve(src, with_manifest=False)
         self.compare_and_set_ref(dst, manifest_id, None)
         return manifest_id
 

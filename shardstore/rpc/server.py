@@ -50,7 +50,7 @@ from shardstore.format.manifest import parse_manifest
 from shardstore.http.app import HttpContext, HttpListener, create_http_app
 from shardstore.repo.content_index import IndexEntry
 from shardstore.repo.leases import WriteLease
-from shardstore.repo.refs import DEFAULT_TAG, parse_ref
+from shardstore.repo.refs import DEFAULT_TAG, Ref, parse_ref
 from shardstore.repo.registry import ShardData
 from shardstore.repo.repository import Repository, blob_key, shard_key
 from shardstore.rpc._generated import registry_pb2 as pb
@@ -265,10 +265,23 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                          ) -> pb.ResolveRefResponse:
         try:
             ref = parse_ref(f"{request.name}:{request.tag or DEFAULT_TAG}")
-            return pb.ResolveRefResponse(manifest_id=await self._run(self.repo.resolve, ref))
+            manifest_id, manifest = await self._run(self._resolve, ref, request.with_manifest)
+            return pb.ResolveRefResponse(manifest_id=manifest_id, manifest=manifest)
         except ShardstoreError as exc:
             await self._abort(context, exc)
             raise AssertionError("unreachable") from None
+
+    def _resolve(self, ref: Ref, with_manifest: bool) -> tuple[str, bytes]:
+        """The ref's manifest id and, when asked, the manifest's bytes (empty when they cannot come along)."""
+        manifest_id = self.repo.resolve(ref)
+        if not with_manifest:
+            return manifest_id, b""
+        try:
+            data = self.repo.get_manifest_bytes(manifest_id)
+        except ShardstoreError:
+            # The ref is answered either way; the client's GetManifest then names what is wrong.
+            return manifest_id, b""
+        return manifest_id, data if len(data) <= MAX_MESSAGE_BYTES else b""
 
     async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
                           ) -> pb.GetManifestResponse:

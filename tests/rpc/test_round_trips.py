@@ -1,8 +1,10 @@
-"""A pull over a link with a round trip: small objects (headers, config, tokenizer) are fetched several at once.
+"""A pull over a link with a round trip: fewer calls, and small objects fetched several at once.
 
 The server is the real one on 127.0.0.1, made slow the way a distant link is: every GetBlob call
 waits before it answers. Sequential fetches would never overlap; the pull must keep several of
-them in flight, and still write every file byte for byte.
+them in flight, and still write every file byte for byte. The ref brings its manifest along, so
+no GetManifest round trip follows, unless the server predates that (then it is asked as before),
+and a manifest that came along is checked against the ref's id like any other.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from safetensors.torch import load_file, save_file
 
 import shardstore
+from rpc.grpc_helpers import push_small_model, write_small_model
+from shardstore.errors import IntegrityError
+from shardstore.format.digest import digest
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.rpc._generated import registry_pb2 as pb
@@ -78,7 +84,7 @@ def test_pull_keeps_several_small_objects_in_flight(minilm_dir: Path, tmp_path: 
 
     servicer = DistantRegistry(store, headers)
     with BackgroundServer(store, servicer=servicer) as server:
-        shardstore.pull(f"grpc://{server.address}/split:v1", tmp_path / "out")
+        shardstore.pull(f"grpc://{server.address}/split:v1", tmp_path / "out", cache=tmp_path / "cold")
 
     for path in folder.rglob("*"):
         if path.is_file():
@@ -89,3 +95,73 @@ def test_pull_keeps_several_small_objects_in_flight(minilm_dir: Path, tmp_path: 
     # the peaks would be 1.
     assert servicer.peak["header"] == FILES
     assert servicer.peak["blob"] >= 4
+
+
+class CountingRegistry(RegistryServicer):
+    """The real servicer, counting ResolveRef and GetManifest calls; ``answer`` may rewrite ResolveRef's answer."""
+
+    def __init__(self, store: LocalStore, answer: str = "as is") -> None:
+        super().__init__(store)
+        self.manifests = Path(store.root) / "manifests"
+        self.answer = answer
+        self.calls = {"ResolveRef": 0, "GetManifest": 0}
+        self.asked_with_manifest: list[bool] = []
+
+    async def ResolveRef(self, request: pb.ResolveRefRequest, context: Any) -> pb.ResolveRefResponse:
+        self.calls["ResolveRef"] += 1
+        self.asked_with_manifest.append(request.with_manifest)
+        response = await super().ResolveRef(request, context)
+        if self.answer == "old server":  # a server from before with_manifest: the id alone
+            return pb.ResolveRefResponse(manifest_id=response.manifest_id)
+        if self.answer == "forged manifest":  # another model's manifest, valid on its own, under this ref's id
+            forged = next(p.read_bytes() for p in sorted(self.manifests.iterdir()) if p.stem != response.manifest_id)
+            return pb.ResolveRefResponse(manifest_id=response.manifest_id, manifest=forged)
+        return response
+
+    async def GetManifest(self, request: pb.GetManifestRequest, context: Any) -> pb.GetManifestResponse:
+        self.calls["GetManifest"] += 1
+        return await super().GetManifest(request, context)
+
+
+def _pull_through(servicer: CountingRegistry, store: LocalStore, out: Path) -> None:
+    with BackgroundServer(store, servicer=servicer) as server:
+        shardstore.pull(f"grpc://{server.address}/small:v1", out)
+
+
+def _same_files(model: Path, out: Path) -> None:
+    files = [p for p in model.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        assert (out / path.relative_to(model)).read_bytes() == path.read_bytes(), path.name
+
+
+def test_the_manifest_comes_with_the_ref(tmp_path: Path) -> None:
+    store, model = push_small_model(tmp_path)
+    servicer = CountingRegistry(store)
+    _pull_through(servicer, store, tmp_path / "out")
+    _same_files(model, tmp_path / "out")
+    assert servicer.asked_with_manifest == [True]
+    assert servicer.calls == {"ResolveRef": 1, "GetManifest": 0}  # one round trip where there were two
+
+
+def test_a_server_from_before_still_serves_a_pull(tmp_path: Path) -> None:
+    store, model = push_small_model(tmp_path)
+    servicer = CountingRegistry(store, "old server")
+    _pull_through(servicer, store, tmp_path / "out")
+    _same_files(model, tmp_path / "out")
+    assert servicer.calls == {"ResolveRef": 1, "GetManifest": 1}
+
+
+def test_a_manifest_that_is_not_the_refs_is_refused(tmp_path: Path) -> None:
+    store, _ = push_small_model(tmp_path)
+    # A second model in the same store gives the server a real manifest to pass off as small:v1's.
+    shardstore.push(write_small_model(tmp_path / "second", seed=1), "second:v1", store=str(store.root))
+    real_id = Repository(store).resolve(parse_ref("small:v1"))
+    forged = [p for p in (Path(store.root) / "manifests").iterdir() if p.stem != real_id]
+    assert len(forged) == 1 and digest(forged[0].read_bytes()) != real_id
+
+    with pytest.raises(IntegrityError) as caught:
+        _pull_through(CountingRegistry(store, "forged manifest"), store, tmp_path / "out")
+    assert str(caught.value) == f"manifest {real_id}: content does not match its id"
+    assert not (tmp_path / "out").exists()  # refused before a file was written
+

@@ -18,18 +18,22 @@ OBJECT_KIND_SHARD: ObjectKind
 OBJECT_KIND_BLOB: ObjectKind
 
 class ResolveRefRequest(_message.Message):
-    __slots__ = ("name", "tag")
+    __slots__ = ("name", "tag", "with_manifest")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TAG_FIELD_NUMBER: _ClassVar[int]
+    WITH_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     tag: str
-    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ...) -> None: ...
+    with_manifest: bool
+    def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., with_manifest: _Optional[bool] = ...) -> None: ...
 
 class ResolveRefResponse(_message.Message):
-    __slots__ = ("manifest_id",)
+    __slots__ = ("manifest_id", "manifest")
     MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
     manifest_id: str
-    def __init__(self, manifest_id: _Optional[str] = ...) -> None: ...
+    manifest: bytes
+    def __init__(self, manifest_id: _Optional[str] = ..., manifest: _Optional[bytes] = ...) -> None: ...
 
 class GetManifestRequest(_message.Message):
     __slots__ = ("manifest_id",)

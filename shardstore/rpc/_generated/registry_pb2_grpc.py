@@ -102,6 +102,8 @@ class RegistryServicer:
 
     def ResolveRef(self, request, context):
         """The manifest id a ref currently points at. NOT_FOUND when the ref does not exist.
+        With with_manifest, the manifest's bytes come in the same answer: a pull
+        then needs no GetManifest round trip.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
