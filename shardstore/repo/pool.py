@@ -22,14 +22,10 @@ import threading
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-# Workers in the shared pool: enough for every map in flight at once (each holds at most
-# ``threads`` running tasks and ``window`` queued ones); idle workers cost nothing but a stack.
-POOL_WORKERS = 64
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -37,6 +33,13 @@ _pool_lock = threading.Lock()
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+# Workers in the shared pool: enough for every map in flight at once (each holds at most
+# ``threads`` running tasks and ``window`` queued ones); idle workers cost nothing but a stack.
+# Outer maps run up to twice the cores (pull's pieces) and may wait for inner tasks (a delta's
+# base shards, pull's headers), so the pool stays well above that on a machine of many cores.
+POOL_WORKERS = max(64, 4 * default_threads())
 
 
 def shared_pool() -> ThreadPoolExecutor:
@@ -54,30 +57,66 @@ def ordered_map(func: Callable[[T], R], items: Iterable[T], threads: int, window
     if threads <= 1:
         yield from map(func, items)
         return
-    window = window or 2 * threads
-    running = threading.BoundedSemaphore(threads)
-
-    def limited(item: T) -> R:
-        try:
-            return func(item)
-        finally:
-            running.release()
-
-    pool = shared_pool()
-    pending: deque[Future[R]] = deque()
+    run = OrderedMap(func, items, threads, window)
     try:
-        for item in items:
+        yield from run
+    finally:
+        run.close()
+
+
+class OrderedMap(Generic[T, R]):
+    """The machinery of :func:`ordered_map`, for a caller that wants the first tasks running before it asks.
+
+    :meth:`start` submits as many tasks as there are free slots, without waiting: pull's headers
+    are fetched while its shard stream starts. Iterating yields results in input order, submitting
+    the rest as it goes; :meth:`close` cancels what has not started and waits for what has,
+    whether or not iteration ever began.
+    """
+
+    def __init__(self, func: Callable[[T], R], items: Iterable[T], threads: int, window: int | None = None) -> None:
+        self._func = func
+        self._items = iter(items)
+        self._threads = max(1, threads)
+        self._window = window or 2 * self._threads
+        self._running = threading.BoundedSemaphore(self._threads)
+        self._pending: deque[Future[R]] = deque()
+
+    def _limited(self, item: T) -> R:
+        try:
+            return self._func(item)
+        finally:
+            self._running.release()
+
+    def _submit(self, item: T) -> None:
+        self._pending.append(shared_pool().submit(self._limited, item))
+
+    def start(self) -> OrderedMap[T, R]:
+        """Submit tasks while a slot is free and the window has room; never waits."""
+        while len(self._pending) < self._window and self._running.acquire(blocking=False):
+            try:
+                item = next(self._items)
+            except StopIteration:
+                self._running.release()
+                break
+            self._submit(item)
+        return self
+
+    def __iter__(self) -> Generator[R, None, None]:
+        for item in self._items:
             # A slot is taken before the task reaches the pool, not inside it: a task waiting for a
             # slot must not hold a pool worker, or maps nested inside running tasks (a delta's base
             # shards) could find every worker taken by tasks that wait for them.
-            running.acquire()
-            pending.append(pool.submit(limited, item))
-            if len(pending) >= window:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
+            self._running.acquire()
+            self._submit(item)
+            if len(self._pending) >= self._window:
+                yield self._pending.popleft().result()
+        while self._pending:
+            yield self._pending.popleft().result()
+
+    def close(self) -> None:
         # On an early exit, cancel what has not started and wait for what has: a task still
         # running after we return could write into a buffer or file its caller already let go.
-        started = [future for future in pending if not future.cancel()]
+        started = [future for future in self._pending if not future.cancel()]
+        self._pending.clear()
         wait(started)
+

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
+import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import wait
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -29,7 +30,7 @@ from shardstore.format.safetensors_io import build_header
 from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.model_files import INDEX_SUFFIX
 from shardstore.repo.pieces import RecentShards
-from shardstore.repo.pool import default_threads, ordered_map, shared_pool
+from shardstore.repo.pool import OrderedMap, default_threads, ordered_map, shared_pool
 from shardstore.repo.read_path import FileSink, FileSpot, PipelineStats, Placement, naming, read_pieces
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.registry import ModelSource
@@ -103,6 +104,64 @@ def _open_file(root: Path, record: FileRecord, manifest: Manifest, selected: set
     return handle
 
 
+class _OutputFiles(Mapping[str, FileSpot]):
+    """Where each tensor goes: its file, opened once that file's header has come.
+
+    The headers are asked for at once (:data:`HEADERS_IN_FLIGHT` at a time) and the shard stream
+    starts without waiting for them; the first piece of a file waits for its header instead.
+    Files are opened in order, under a lock, as the header map yields them; a tensor whose file
+    is open is looked up without the lock.
+    """
+
+    def __init__(self, root: Path, records: list[FileRecord], manifest: Manifest, selected: set[str],
+                 header_of: Callable[[FileRecord], bytes | None]) -> None:
+        self._root, self._records, self._manifest, self._selected = root, records, manifest, selected
+        self._headers = OrderedMap(header_of, records, HEADERS_IN_FLIGHT, window=HEADERS_IN_FLIGHT).start()
+        self._next_header = iter(self._headers)
+        self._file_of = {name: index for index, record in enumerate(records) for name in record.tensors
+                         if name in selected}
+        self._spots: dict[str, FileSpot] = {}
+        self._lock = threading.Lock()
+        self._failed: BaseException | None = None
+        self.opened: list[_OpenFile] = []
+
+    def __getitem__(self, name: str) -> FileSpot:
+        spot = self._spots.get(name)
+        if spot is None:
+            self._open_through(self._file_of[name])
+            spot = self._spots[name]
+        return spot
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def _open_through(self, index: int) -> None:
+        with self._lock:
+            if self._failed is not None:
+                # Every piece waiting for a file meets the first failure, not a header meant for another file.
+                raise self._failed
+            try:
+                while len(self.opened) <= index:
+                    record = self._records[len(self.opened)]
+                    handle = _open_file(self._root, record, self._manifest, self._selected, next(self._next_header))
+                    self.opened.append(handle)
+                    for name, offset in handle.offsets.items():
+                        self._spots[name] = FileSpot(handle.writer, offset, handle.path)
+            except BaseException as exc:
+                self._failed = exc
+                raise
+
+    def open_all(self) -> None:
+        self._open_through(len(self._records) - 1)
+
+    def close(self) -> None:
+        """Stop the header fetches still running (a failed pull); the files are the caller's to close."""
+        self._headers.close()
+
+
 def _layout(
     record: FileRecord, manifest: Manifest, selected: set[str], header: bytes | None
 ) -> tuple[bytes, dict[str, int]]:
@@ -174,28 +233,24 @@ def write_model(
     root = Path(dest)
     root.mkdir(parents=True, exist_ok=True)
 
-    open_files: list[_OpenFile] = []
-    where: dict[str, _OpenFile] = {}
     records = [r for r in manifest.files if selected.intersection(r.tensors)]
 
     def original_header(record: FileRecord) -> bytes | None:
         # A file pulled whole gets its header back byte for byte; a subset gets a fresh one.
         return source.get_blob(record.header) if selected.issuperset(record.tensors) else None
 
+    # Headers are asked for first and the shard stream starts while they come: over a real link
+    # each is a round trip, and they now overlap.
+    outputs = _OutputFiles(root, records, manifest, selected, original_header)
+    open_files = outputs.opened
     wanted_blobs = _wanted_blobs(manifest, excluded)
     # The small files come while the shards stream (their round trips hidden behind it), and are
     # written only once the weights are complete, as before.
     early = _BlobPrefetch(source, wanted_blobs) if selected_names else None
     try:
-        # Headers come several at once: over a real link each one is a round trip.
-        with contextlib.closing(ordered_map(original_header, records, HEADERS_IN_FLIGHT,
-                                            window=HEADERS_IN_FLIGHT)) as headers:
-            for record, header in zip(records, headers, strict=True):
-                handle = _open_file(root, record, manifest, selected, header)
-                open_files.append(handle)
-                where.update(dict.fromkeys(handle.offsets, handle))
-        fetched = _write_tensors(source, manifest, selected_names, where, threads, progress, ref) if selected_names \
-            else 0
+        fetched = _write_tensors(source, manifest, selected_names, outputs, threads, progress, ref) \
+            if selected_names else 0
+        outputs.open_all()  # a file none of whose pieces were written (empty tensors) still gets its header
         for handle in open_files:
             handle.writer.close()
             with naming(handle.path):
@@ -204,6 +259,7 @@ def write_model(
                 handle.fd = -1
                 os.replace(handle.partial, handle.path)
     finally:
+        outputs.close()
         if early is not None:
             early.settle()
         for handle in open_files:
@@ -233,13 +289,13 @@ def _write_tensors(
     source: ModelSource,
     manifest: Manifest,
     names: list[str],
-    where: dict[str, _OpenFile],
+    outputs: Mapping[str, FileSpot],
     threads: int | None,
     progress: ProgressCallback | None,
     label: str,
 ) -> int:
     """Every tensor's data into its file, through the read path every loader runs; returns the shards read."""
-    sink = FileSink({name: FileSpot(where[name].writer, where[name].offsets[name], where[name].path) for name in names})
+    sink = FileSink(outputs)
     placements = [Placement(name, manifest.tensors[name], "file") for name in names]
     stats = PipelineStats()
     advance = progress_task(progress, f"pull {label}", sum(manifest.tensors[n].raw_bytes for n in names))

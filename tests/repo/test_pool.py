@@ -48,3 +48,34 @@ def test_at_most_threads_tasks_run_at_once_and_results_keep_their_order() -> Non
 
     assert list(ordered_map(work, range(200), 3)) == list(range(200))
     assert most == 3
+
+
+def test_a_started_map_runs_before_it_is_read_and_closing_it_unread_waits_for_what_started() -> None:
+    from shardstore.repo.pool import OrderedMap
+
+    started: list[int] = []
+    release = threading.Event()
+
+    def work(i: int) -> int:
+        started.append(i)
+        release.wait(10)
+        return i * 3
+
+    run = OrderedMap(work, range(10), 2, window=2).start()
+    deadline = time.monotonic() + 5
+    while len(started) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sorted(started) == [0, 1]  # two slots: two running before anyone read a result, no more
+    release.set()
+    assert list(run) == [i * 3 for i in range(10)]
+
+    release.clear()
+    started.clear()
+    unread = OrderedMap(work, range(10), 2, window=2).start()
+    while len(started) < 2 and time.monotonic() < deadline + 5:
+        time.sleep(0.005)
+    threading.Timer(0.2, release.set).start()
+    began = time.monotonic()
+    unread.close()  # never iterated: still waits for the two running tasks, and starts no other
+    assert time.monotonic() - began >= 0.15
+    assert sorted(started) == [0, 1]
