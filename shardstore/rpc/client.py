@@ -226,6 +226,7 @@ class GrpcClient:
         # Asked as soon as a manifest is known, answered while headers and files are fetched: whether
         # the server can sign at all (a server over a local folder cannot). See _probe_signing.
         self._sign_probe: grpc.Future | None = None
+        self._signing_known = False  # a server that says in ResolveRef whether it signs is not probed
         options = [
             ("grpc.max_receive_message_length", MESSAGE_LIMIT),
             ("grpc.max_send_message_length", MESSAGE_LIMIT),
@@ -357,17 +358,21 @@ class GrpcClient:
     def resolve(self, ref: Ref, *, with_manifest: bool = True) -> str:
         """The ref's manifest id; ``with_manifest``, the manifest comes in the same answer and waits for
         :meth:`get_manifest` (one round trip where there were two)."""
-        def call() -> tuple[str, bytes]:
+        def call() -> pb.ResolveRefResponse:
             request = pb.ResolveRefRequest(name=ref.name, tag=ref.tag, with_manifest=with_manifest)
-            response = self._stub.ResolveRef(request, **self._unary_options)
+            response: pb.ResolveRefResponse = self._stub.ResolveRef(request, **self._unary_options)
             self._count(response.ByteSize())
-            return str(response.manifest_id), bytes(response.manifest)
+            return response
 
-        manifest_id, data = self._retrying(f"resolve {ref}", call)
-        check_object_id(manifest_id, f"manifest id in ref {ref}")
-        if data:
-            with self._lock:
-                self._resolved_manifest = (manifest_id, data)
+        response = self._retrying(f"resolve {ref}", call)
+        manifest_id = check_object_id(str(response.manifest_id), f"manifest id in ref {ref}")
+        with self._lock:
+            if response.manifest:
+                self._resolved_manifest = (manifest_id, bytes(response.manifest))
+            if response.HasField("signs_urls"):
+                # The server said whether it signs: no probe needed (see _probe_signing).
+                self._signing_known = True
+                self._can_sign = self._can_sign and response.signs_urls
         return manifest_id
 
     def get_manifest(self, manifest_id: str) -> Manifest:
@@ -524,11 +529,14 @@ class GrpcClient:
         """Ask, without waiting, for one shard's URL: the first shard fetch then knows whether to sign.
 
         Without it a pull from a server that cannot sign spends a whole round trip, just before its
-        shards, learning so; the probe's round trip runs while headers and files are fetched.
+        shards, learning so; the probe's round trip runs while headers and files are fetched. A
+        server that said in its ResolveRef answer whether it signs (``signs_urls``) is not probed:
+        then the shard stream need not wait even for the probe.
         """
         first = next(iter(manifest.shards), None)
         with self._lock:
-            if first is None or self._sign_probe is not None or not self._can_sign or self._signed_http is None:
+            if first is None or self._sign_probe is not None or not self._can_sign or self._signed_http is None \
+                    or self._signing_known:
                 return
             self._sign_probe = self._stub.SignObjectUrls.future(
                 pb.SignObjectUrlsRequest(kind=pb.OBJECT_KIND_SHARD, ids=[first]), timeout=self._sign_deadline,

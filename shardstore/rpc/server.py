@@ -181,6 +181,7 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         self.max_object_bytes = max_object_bytes  # the largest object an upload may declare
         # None or 0: never hand out signed URLs, even when the store could sign (clients then stream).
         self.signed_url_ttl = signed_url_ttl or None
+        self._signs: bool | None = None  # whether the store can sign, learnt once (see _signs_urls)
         self.cache = HotShardCache(cache_bytes)
         self.pacer = Pacer(pace_bytes_per_s) if pace_bytes_per_s else None
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="shardstore-io")
@@ -265,23 +266,30 @@ class RegistryServicer(pb_grpc.RegistryServicer):
                          ) -> pb.ResolveRefResponse:
         try:
             ref = parse_ref(f"{request.name}:{request.tag or DEFAULT_TAG}")
-            manifest_id, manifest = await self._run(self._resolve, ref, request.with_manifest)
-            return pb.ResolveRefResponse(manifest_id=manifest_id, manifest=manifest)
+            return await self._run(self._resolve, ref, request.with_manifest)
         except ShardstoreError as exc:
             await self._abort(context, exc)
             raise AssertionError("unreachable") from None
 
-    def _resolve(self, ref: Ref, with_manifest: bool) -> tuple[str, bytes]:
-        """The ref's manifest id and, when asked, the manifest's bytes (empty when they cannot come along)."""
-        manifest_id = self.repo.resolve(ref)
-        if not with_manifest:
-            return manifest_id, b""
-        try:
-            data = self.repo.get_manifest_bytes(manifest_id)
-        except ShardstoreError:
-            # The ref is answered either way; the client's GetManifest then names what is wrong.
-            return manifest_id, b""
-        return manifest_id, data if len(data) <= MAX_MESSAGE_BYTES else b""
+    def _signs_urls(self) -> bool:
+        """Whether SignObjectUrls hands out URLs here: configured to, and the store can sign (no request made)."""
+        if self._signs is None:
+            self._signs = self.signed_url_ttl is not None and \
+                self.repo.store.signed_url(shard_key("0" * 64), self.signed_url_ttl) is not None
+        return self._signs
+
+    def _resolve(self, ref: Ref, with_manifest: bool) -> pb.ResolveRefResponse:
+        """The ref's manifest id, whether we sign URLs, and when asked the manifest's bytes (if they can come along)."""
+        answer = pb.ResolveRefResponse(manifest_id=self.repo.resolve(ref), signs_urls=self._signs_urls())
+        if with_manifest:
+            try:
+                data = self.repo.get_manifest_bytes(answer.manifest_id)
+            except ShardstoreError:
+                # The ref is answered either way; the client's GetManifest then names what is wrong.
+                return answer
+            if len(data) <= MAX_MESSAGE_BYTES:
+                answer.manifest = data
+        return answer
 
     async def GetManifest(self, request: pb.GetManifestRequest, context: grpc.aio.ServicerContext
                           ) -> pb.GetManifestResponse:

@@ -1,4 +1,4 @@
-"""A pull over a link with a round trip: fewer calls, and small objects fetched several at once.
+"""A pull over a link with a round trip: fewer calls, small objects fetched several at once, shards not waiting.
 
 The server is the real one on 127.0.0.1, made slow the way a distant link is: every GetBlob call
 waits before it answers. Sequential fetches would never overlap; the pull must keep several of
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import shardstore
 from rpc.grpc_helpers import push_small_model, write_small_model
-from shardstore.errors import IntegrityError
+from shardstore.errors import IntegrityError, NotFoundError
 from shardstore.format.digest import digest
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
@@ -43,6 +43,12 @@ class DistantRegistry(RegistryServicer):
         self.open = {"header": 0, "blob": 0}
         self.peak = {"header": 0, "blob": 0}
         self.calls = {"header": 0, "blob": 0}
+        self.headers_done_at_shards: list[int] = []
+
+    async def StreamShards(self, request: pb.StreamShardsRequest, context: Any) -> AsyncIterator[bytes]:
+        self.headers_done_at_shards.append(self.calls["header"] - self.open["header"])
+        async for chunk in super().StreamShards(request, context):
+            yield chunk
 
     async def GetBlob(self, request: pb.GetBlobRequest, context: Any) -> AsyncIterator[bytes]:
         kind = "header" if request.blob_id in self.header_ids else "blob"
@@ -95,6 +101,9 @@ def test_pull_keeps_several_small_objects_in_flight(minilm_dir: Path, tmp_path: 
     # the peaks would be 1.
     assert servicer.peak["header"] == FILES
     assert servicer.peak["blob"] >= 4
+    # The shard stream did not wait for the headers: it was asked for before any of them had come
+    # back (each takes ROUND_TRIP_S; the stream's first call comes well within it).
+    assert servicer.headers_done_at_shards[:1] == [0]
 
 
 class CountingRegistry(RegistryServicer):
@@ -104,14 +113,14 @@ class CountingRegistry(RegistryServicer):
         super().__init__(store)
         self.manifests = Path(store.root) / "manifests"
         self.answer = answer
-        self.calls = {"ResolveRef": 0, "GetManifest": 0}
+        self.calls = {"ResolveRef": 0, "GetManifest": 0, "SignObjectUrls": 0}
         self.asked_with_manifest: list[bool] = []
 
     async def ResolveRef(self, request: pb.ResolveRefRequest, context: Any) -> pb.ResolveRefResponse:
         self.calls["ResolveRef"] += 1
         self.asked_with_manifest.append(request.with_manifest)
         response = await super().ResolveRef(request, context)
-        if self.answer == "old server":  # a server from before with_manifest: the id alone
+        if self.answer == "old server":  # a server from before with_manifest and signs_urls: the id alone
             return pb.ResolveRefResponse(manifest_id=response.manifest_id)
         if self.answer == "forged manifest":  # another model's manifest, valid on its own, under this ref's id
             forged = next(p.read_bytes() for p in sorted(self.manifests.iterdir()) if p.stem != response.manifest_id)
@@ -121,6 +130,10 @@ class CountingRegistry(RegistryServicer):
     async def GetManifest(self, request: pb.GetManifestRequest, context: Any) -> pb.GetManifestResponse:
         self.calls["GetManifest"] += 1
         return await super().GetManifest(request, context)
+
+    async def SignObjectUrls(self, request: pb.SignObjectUrlsRequest, context: Any) -> pb.SignObjectUrlsResponse:
+        self.calls["SignObjectUrls"] += 1
+        return await super().SignObjectUrls(request, context)
 
 
 def _pull_through(servicer: CountingRegistry, store: LocalStore, out: Path) -> None:
@@ -141,7 +154,9 @@ def test_the_manifest_comes_with_the_ref(tmp_path: Path) -> None:
     _pull_through(servicer, store, tmp_path / "out")
     _same_files(model, tmp_path / "out")
     assert servicer.asked_with_manifest == [True]
-    assert servicer.calls == {"ResolveRef": 1, "GetManifest": 0}  # one round trip where there were two
+    # One round trip where there were two, and no probe for signed URLs: over a local folder the
+    # server said in that answer that it does not sign, so the shard stream waits for nothing.
+    assert servicer.calls == {"ResolveRef": 1, "GetManifest": 0, "SignObjectUrls": 0}
 
 
 def test_a_server_from_before_still_serves_a_pull(tmp_path: Path) -> None:
@@ -149,7 +164,7 @@ def test_a_server_from_before_still_serves_a_pull(tmp_path: Path) -> None:
     servicer = CountingRegistry(store, "old server")
     _pull_through(servicer, store, tmp_path / "out")
     _same_files(model, tmp_path / "out")
-    assert servicer.calls == {"ResolveRef": 1, "GetManifest": 1}
+    assert servicer.calls == {"ResolveRef": 1, "GetManifest": 1, "SignObjectUrls": 1}  # asked, as before
 
 
 def test_a_manifest_that_is_not_the_refs_is_refused(tmp_path: Path) -> None:
@@ -165,3 +180,22 @@ def test_a_manifest_that_is_not_the_refs_is_refused(tmp_path: Path) -> None:
     assert str(caught.value) == f"manifest {real_id}: content does not match its id"
     assert not (tmp_path / "out").exists()  # refused before a file was written
 
+
+def test_a_header_that_cannot_be_fetched_fails_the_pull_and_leaves_no_file(minilm_dir: Path, tmp_path: Path) -> None:
+    # The shards are already streaming when the second file's header turns out to be missing: the
+    # pull must stop with that error, wait for its fetches and leave no file, finished or partial.
+    folder = _split_folder(minilm_dir, tmp_path / "split")
+    store = LocalStore(tmp_path / "store")
+    shardstore.push(folder, "split:v1", store=str(tmp_path / "store"))
+    repo = Repository(store)
+    manifest = repo.get_manifest(repo.resolve(parse_ref("split:v1")))
+    lost = manifest.files[1].header
+    (next(p for p in (tmp_path / "store" / "blobs").rglob(lost + "*"))).unlink()
+
+    servicer = DistantRegistry(store, {record.header for record in manifest.files})
+    out = tmp_path / "out"
+    with BackgroundServer(store, servicer=servicer) as server, pytest.raises(NotFoundError) as caught:
+        shardstore.pull(f"grpc://{server.address}/split:v1", out, cache=tmp_path / "cold")
+    assert lost in str(caught.value)
+    assert servicer.headers_done_at_shards[:1] == [0]  # the shards had started before the header failed
+    assert [p.name for p in out.rglob("*") if p.is_file()] == []

@@ -28,12 +28,14 @@ class ResolveRefRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tag: _Optional[str] = ..., with_manifest: _Optional[bool] = ...) -> None: ...
 
 class ResolveRefResponse(_message.Message):
-    __slots__ = ("manifest_id", "manifest")
+    __slots__ = ("manifest_id", "manifest", "signs_urls")
     MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SIGNS_URLS_FIELD_NUMBER: _ClassVar[int]
     manifest_id: str
     manifest: bytes
-    def __init__(self, manifest_id: _Optional[str] = ..., manifest: _Optional[bytes] = ...) -> None: ...
+    signs_urls: bool
+    def __init__(self, manifest_id: _Optional[str] = ..., manifest: _Optional[bytes] = ..., signs_urls: _Optional[bool] = ...) -> None: ...
 
 class GetManifestRequest(_message.Message):
     __slots__ = ("manifest_id",)
