@@ -23,6 +23,7 @@ import shardstore
 from rpc.grpc_helpers import push_small_model, write_small_model
 from shardstore.errors import IntegrityError, NotFoundError
 from shardstore.format.digest import digest
+from shardstore.format.manifest import Manifest
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.rpc._generated import registry_pb2 as pb
@@ -78,12 +79,17 @@ def _split_folder(source: Path, dest: Path) -> Path:
     return dest
 
 
-def test_pull_keeps_several_small_objects_in_flight(minilm_dir: Path, tmp_path: Path) -> None:
+def _pushed_split(minilm_dir: Path, tmp_path: Path) -> tuple[Path, LocalStore, Manifest]:
+    """The split MiniLM folder pushed as split:v1 into a store under ``tmp_path``: folder, store, manifest."""
     folder = _split_folder(minilm_dir, tmp_path / "split")
     store = LocalStore(tmp_path / "store")
-    shardstore.push(folder, "split:v1", store=str(tmp_path / "store"))
+    shardstore.push(folder, "split:v1", store=str(store.root))
     repo = Repository(store)
-    manifest = repo.get_manifest(repo.resolve(parse_ref("split:v1")))
+    return folder, store, repo.get_manifest(repo.resolve(parse_ref("split:v1")))
+
+
+def test_pull_keeps_several_small_objects_in_flight(minilm_dir: Path, tmp_path: Path) -> None:
+    folder, store, manifest = _pushed_split(minilm_dir, tmp_path)
     headers = {record.header for record in manifest.files}
     others = [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".safetensors")]
     assert len(headers) == FILES and len(others) == 13  # the shipped folder's 12 other files and the index
@@ -184,11 +190,7 @@ def test_a_manifest_that_is_not_the_refs_is_refused(tmp_path: Path) -> None:
 def test_a_header_that_cannot_be_fetched_fails_the_pull_and_leaves_no_file(minilm_dir: Path, tmp_path: Path) -> None:
     # The shards are already streaming when the second file's header turns out to be missing: the
     # pull must stop with that error, wait for its fetches and leave no file, finished or partial.
-    folder = _split_folder(minilm_dir, tmp_path / "split")
-    store = LocalStore(tmp_path / "store")
-    shardstore.push(folder, "split:v1", store=str(tmp_path / "store"))
-    repo = Repository(store)
-    manifest = repo.get_manifest(repo.resolve(parse_ref("split:v1")))
+    _, store, manifest = _pushed_split(minilm_dir, tmp_path)
     lost = manifest.files[1].header
     (next(p for p in (tmp_path / "store" / "blobs").rglob(lost + "*"))).unlink()
 
