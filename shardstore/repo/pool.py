@@ -27,19 +27,16 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Workers in the shared pool: enough for every map in flight at once (each holds at most
+# ``threads`` running tasks and ``window`` queued ones); idle workers cost nothing but a stack.
+POOL_WORKERS = 64
+
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-# Workers in the shared pool: enough for every map in flight at once (each holds at most
-# ``threads`` running tasks and ``window`` queued ones); idle workers cost nothing but a stack.
-# Outer maps run up to twice the cores (pull's pieces) and may wait for inner tasks (a delta's
-# base shards, pull's headers), so the pool stays well above that on a machine of many cores.
-POOL_WORKERS = max(64, 4 * default_threads())
 
 
 def shared_pool() -> ThreadPoolExecutor:
@@ -102,6 +99,10 @@ class OrderedMap(Generic[T, R]):
         return self
 
     def __iter__(self) -> Generator[R, None, None]:
+        # After start() the window may already be full: a result goes out before another task comes in,
+        # so no more than ``window`` results are ever held.
+        while len(self._pending) >= self._window:
+            yield self._pending.popleft().result()
         for item in self._items:
             # A slot is taken before the task reaches the pool, not inside it: a task waiting for a
             # slot must not hold a pool worker, or maps nested inside running tasks (a delta's base

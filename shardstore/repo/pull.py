@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import wait
@@ -33,7 +32,7 @@ from shardstore.repo.pieces import RecentShards
 from shardstore.repo.pool import OrderedMap, default_threads, ordered_map, shared_pool
 from shardstore.repo.read_path import FileSink, FileSpot, PipelineStats, Placement, naming, read_pieces
 from shardstore.repo.refs import parse_ref
-from shardstore.repo.registry import ModelSource
+from shardstore.repo.registry import ModelSource, ShardData
 
 # Objects fetched at once before and after the shards: safetensors headers, and non-tensor files of at
 # most SMALL_BLOB_BYTES (larger ones one at a time). Over a link with a 20 ms round trip a folder of a
@@ -108,29 +107,31 @@ class _OutputFiles(Mapping[str, FileSpot]):
     """Where each tensor goes: its file, opened once that file's header has come.
 
     The headers are asked for at once (:data:`HEADERS_IN_FLIGHT` at a time) and the shard stream
-    starts without waiting for them; the first piece of a file waits for its header instead.
-    Files are opened in order, under a lock, as the header map yields them; a tensor whose file
-    is open is looked up without the lock.
+    starts without waiting for them. :meth:`fetch_shards` hands each shard on only once the files
+    its pieces go to are open, waiting there for their headers; it runs on the thread that feeds
+    the read pipeline (pull's own), so no pool worker ever waits for a fetch that may itself need
+    a pool worker. Files open in file order, one thread only.
     """
 
-    def __init__(self, root: Path, records: list[FileRecord], manifest: Manifest, selected: set[str],
-                 header_of: Callable[[FileRecord], bytes | None]) -> None:
-        self._root, self._records, self._manifest, self._selected = root, records, manifest, selected
+    def __init__(self, source: ModelSource, root: Path, records: list[FileRecord], manifest: Manifest,
+                 selected: set[str], header_of: Callable[[FileRecord], bytes | None]) -> None:
+        self.source, self._root, self._records, self._manifest = source, root, records, manifest
+        self._selected = selected
         self._headers = OrderedMap(header_of, records, HEADERS_IN_FLIGHT, window=HEADERS_IN_FLIGHT).start()
         self._next_header = iter(self._headers)
         self._file_of = {name: index for index, record in enumerate(records) for name in record.tensors
                          if name in selected}
+        # The last file (in file order) each shard has a piece for: what must be open before it is decoded.
+        self._last_file_of_shard: dict[str, int] = {}
+        for name, index in self._file_of.items():
+            for piece in manifest.tensors[name].pieces:
+                self._last_file_of_shard[piece.shard] = max(index, self._last_file_of_shard.get(piece.shard, -1))
         self._spots: dict[str, FileSpot] = {}
-        self._lock = threading.Lock()
         self._failed: BaseException | None = None
         self.opened: list[_OpenFile] = []
 
     def __getitem__(self, name: str) -> FileSpot:
-        spot = self._spots.get(name)
-        if spot is None:
-            self._open_through(self._file_of[name])
-            spot = self._spots[name]
-        return spot
+        return self._spots[name]  # opened by fetch_shards before any piece of it was handed on
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
@@ -138,21 +139,25 @@ class _OutputFiles(Mapping[str, FileSpot]):
     def __len__(self) -> int:
         return len(self._file_of)
 
+    def fetch_shards(self, shard_ids: Iterable[str]) -> Iterator[tuple[str, ShardData]]:
+        """The source's shards, each handed on once the files of its pieces are open."""
+        for shard_id, data in self.source.fetch_shards(shard_ids):
+            self._open_through(self._last_file_of_shard.get(shard_id, -1))
+            yield shard_id, data
+
     def _open_through(self, index: int) -> None:
-        with self._lock:
-            if self._failed is not None:
-                # Every piece waiting for a file meets the first failure, not a header meant for another file.
-                raise self._failed
-            try:
-                while len(self.opened) <= index:
-                    record = self._records[len(self.opened)]
-                    handle = _open_file(self._root, record, self._manifest, self._selected, next(self._next_header))
-                    self.opened.append(handle)
-                    for name, offset in handle.offsets.items():
-                        self._spots[name] = FileSpot(handle.writer, offset, handle.path)
-            except BaseException as exc:
-                self._failed = exc
-                raise
+        if self._failed is not None:
+            raise self._failed  # a header was taken for a file that did not open: never give it to the next
+        try:
+            while len(self.opened) <= index:
+                record = self._records[len(self.opened)]
+                handle = _open_file(self._root, record, self._manifest, self._selected, next(self._next_header))
+                self.opened.append(handle)
+                for name, offset in handle.offsets.items():
+                    self._spots[name] = FileSpot(handle.writer, offset, handle.path)
+        except BaseException as exc:
+            self._failed = exc
+            raise
 
     def open_all(self) -> None:
         self._open_through(len(self._records) - 1)
@@ -239,17 +244,19 @@ def write_model(
         # A file pulled whole gets its header back byte for byte; a subset gets a fresh one.
         return source.get_blob(record.header) if selected.issuperset(record.tensors) else None
 
-    # Headers are asked for first and the shard stream starts while they come: over a real link
-    # each is a round trip, and they now overlap.
-    outputs = _OutputFiles(root, records, manifest, selected, original_header)
-    open_files = outputs.opened
     wanted_blobs = _wanted_blobs(manifest, excluded)
-    # The small files come while the shards stream (their round trips hidden behind it), and are
-    # written only once the weights are complete, as before.
-    early = _BlobPrefetch(source, wanted_blobs) if selected_names else None
+    outputs: _OutputFiles | None = None
+    early: _BlobPrefetch | None = None
+    open_files: list[_OpenFile] = []
     try:
-        fetched = _write_tensors(source, manifest, selected_names, outputs, threads, progress, ref) \
-            if selected_names else 0
+        # Headers are asked for first and the shard stream starts while they come: over a real link
+        # each is a round trip, and they now overlap.
+        outputs = _OutputFiles(source, root, records, manifest, selected, original_header)
+        open_files = outputs.opened
+        # The small files come while the shards stream (their round trips hidden behind it), and are
+        # written only once the weights are complete, as before.
+        early = _BlobPrefetch(source, wanted_blobs) if selected_names else None
+        fetched = _write_tensors(outputs, manifest, selected_names, threads, progress, ref) if selected_names else 0
         outputs.open_all()  # a file none of whose pieces were written (empty tensors) still gets its header
         for handle in open_files:
             handle.writer.close()
@@ -259,7 +266,8 @@ def write_model(
                 handle.fd = -1
                 os.replace(handle.partial, handle.path)
     finally:
-        outputs.close()
+        if outputs is not None:
+            outputs.close()
         if early is not None:
             early.settle()
         for handle in open_files:
@@ -286,10 +294,9 @@ def write_model(
 
 
 def _write_tensors(
-    source: ModelSource,
+    outputs: _OutputFiles,
     manifest: Manifest,
     names: list[str],
-    outputs: Mapping[str, FileSpot],
     threads: int | None,
     progress: ProgressCallback | None,
     label: str,
@@ -303,7 +310,7 @@ def _write_tensors(
     # pieces in flight as threads (a one-thread pull stays one): each spends part of its time waiting
     # for the disk to take its write.
     workers = threads or default_threads()
-    read_pieces(source, placements, {"file": sink}, lookup=RecentShards(source),
+    read_pieces(outputs, placements, {"file": sink}, lookup=RecentShards(outputs.source),
                 threads=2 * workers if workers > 1 else 1, stats=stats, progress=advance)
     return stats.shards
 

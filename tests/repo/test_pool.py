@@ -79,3 +79,27 @@ def test_a_started_map_runs_before_it_is_read_and_closing_it_unread_waits_for_wh
     unread.close()  # never iterated: still waits for the two running tasks, and starts no other
     assert time.monotonic() - began >= 0.15
     assert sorted(started) == [0, 1]
+
+
+def test_a_started_map_never_holds_more_than_its_window() -> None:
+    # Pull's headers are a started map of window 4, and a server decides how large each header is:
+    # the window is what bounds the memory they take, so a fifth must not start before one is read.
+    from shardstore.repo.pool import OrderedMap
+
+    started: list[int] = []
+
+    def work(i: int) -> int:
+        started.append(i)
+        return i
+
+    run = OrderedMap(work, range(10), 2, window=2).start()
+    results = iter(run)
+    time.sleep(0.1)
+    assert sorted(started) == [0, 1]
+    assert next(results) == 0
+    time.sleep(0.1)  # whatever iterating submitted has had time to start
+    assert sorted(started) == [0, 1]  # the first result went out before a third task came in
+    assert next(results) == 1
+    time.sleep(0.1)
+    assert sorted(started) == [0, 1, 2]
+    assert list(results) == list(range(2, 10))
