@@ -367,7 +367,7 @@ class GrpcClient:
         response = self._retrying(f"resolve {ref}", call)
         manifest_id = check_object_id(str(response.manifest_id), f"manifest id in ref {ref}")
         with self._lock:
-            if response.manifest:
+            if with_manifest and response.manifest:
                 self._resolved_manifest = (manifest_id, bytes(response.manifest))
             if response.HasField("signs_urls"):
                 # The server said whether it signs: no probe needed (see _probe_signing).
@@ -378,7 +378,10 @@ class GrpcClient:
     def get_manifest(self, manifest_id: str) -> Manifest:
         check_object_id(manifest_id, "manifest id")
         with self._lock:
+            # Taken, not kept: the bytes are used once, and bytes that fail their check are not met again.
             held_id, data = self._resolved_manifest
+            if held_id == manifest_id:
+                self._resolved_manifest = ("", b"")
         if held_id != manifest_id:
             def call() -> bytes:
                 response = self._stub.GetManifest(pb.GetManifestRequest(manifest_id=manifest_id),
@@ -570,22 +573,26 @@ class GrpcClient:
 
         try:
             if probe is not None and not self._probe_says_it_can(probe):
-                self._can_sign = False  # the store cannot sign: don't ask at all
+                self._stop_signing()  # the store cannot sign: don't ask at all
                 return None
             # A busy server is asked again, as for any other call: busy is not "cannot sign".
             response = self._with_retries(ask)
         except grpc.RpcError as exc:
             # UNIMPLEMENTED: a server older than SignObjectUrls. Anything else, the stream reports properly (or
             # works); either way this client streams from now on instead of asking again for every batch.
-            self._can_sign = False
+            self._stop_signing()
             if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
                 log.info("sign object urls at %s: %s; streaming instead", self.address, exc.code().name)
             return None
         self._count(response.ByteSize())
         if len(response.urls) != len(ids):
-            self._can_sign = False  # the store cannot sign: don't ask again
+            self._stop_signing()  # the store cannot sign: don't ask again
             return None
         return list(response.urls)
+
+    def _stop_signing(self) -> None:
+        with self._lock:  # resolve() also writes it
+            self._can_sign = False
 
     def _sign_shards(self, ids: list[str]) -> list[str] | None:
         return self._sign(pb.OBJECT_KIND_SHARD, ids)

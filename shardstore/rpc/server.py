@@ -271,16 +271,29 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             await self._abort(context, exc)
             raise AssertionError("unreachable") from None
 
-    def _signs_urls(self) -> bool:
-        """Whether SignObjectUrls hands out URLs here: configured to, and the store can sign (no request made)."""
+    def _signs_urls(self) -> bool | None:
+        """Whether SignObjectUrls hands out URLs here: configured to, and the store can sign (no request made).
+
+        None when that cannot be told now (signing failed, e.g. no credentials yet): the answer then
+        leaves it unset and the client asks SignObjectUrls itself, which reports the error as before.
+        """
         if self._signs is None:
-            self._signs = self.signed_url_ttl is not None and \
-                self.repo.store.signed_url(shard_key("0" * 64), self.signed_url_ttl) is not None
+            if self.signed_url_ttl is None:
+                self._signs = False
+            else:
+                try:
+                    self._signs = self.repo.store.signed_url(shard_key("0" * 64), self.signed_url_ttl) is not None
+                except Exception as exc:  # a store's signer may raise anything; ResolveRef must still answer
+                    log.debug("cannot tell whether the store signs URLs: %s", exc)
+                    return None
         return self._signs
 
     def _resolve(self, ref: Ref, with_manifest: bool) -> pb.ResolveRefResponse:
         """The ref's manifest id, whether we sign URLs, and when asked the manifest's bytes (if they can come along)."""
-        answer = pb.ResolveRefResponse(manifest_id=self.repo.resolve(ref), signs_urls=self._signs_urls())
+        answer = pb.ResolveRefResponse(manifest_id=self.repo.resolve(ref))
+        signs = self._signs_urls()
+        if signs is not None:
+            answer.signs_urls = signs
         if with_manifest:
             try:
                 data = self.repo.get_manifest_bytes(answer.manifest_id)

@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 import shardstore
@@ -27,7 +31,9 @@ from shardstore.format.manifest import Manifest
 from shardstore.repo.refs import parse_ref
 from shardstore.repo.repository import Repository
 from shardstore.rpc._generated import registry_pb2 as pb
+from shardstore.rpc._generated import registry_pb2_grpc as pb_grpc
 from shardstore.rpc.background import BackgroundServer
+from shardstore.rpc.client import GrpcClient
 from shardstore.rpc.server import RegistryServicer
 from shardstore.store import LocalStore
 
@@ -201,3 +207,68 @@ def test_a_header_that_cannot_be_fetched_fails_the_pull_and_leaves_no_file(minil
     assert lost in str(caught.value)
     assert servicer.headers_done_at_shards[:1] == [0]  # the shards had started before the header failed
     assert [p.name for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_a_warm_pull_with_more_pieces_in_flight_than_pool_workers_finishes(tmp_path: Path) -> None:
+    # Shards from the local cache come without the pool; with 64 threads a pull keeps 128 pieces in
+    # flight, more than the shared pool's 64 workers. Were pieces to wait in pool workers for their
+    # file's header (which needs a worker too), this pull would hang: a child process, with a timeout.
+    model = tmp_path / "model"
+    model.mkdir()
+    weight_map: dict[str, str] = {}
+    generator = torch.Generator().manual_seed(0)
+    for index, count in enumerate([1, 1, 1, 1, 1, 200]):
+        name = f"model-{index + 1:05d}-of-00006.safetensors"
+        tensors = {f"f{index}.t{i}": torch.randn(16, 1024, generator=generator) for i in range(count)}
+        save_file(tensors, str(model / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(tensors, name)
+    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    store = LocalStore(tmp_path / "store")
+    pushed = shardstore.push(model, "many:v1", store=str(store.root), chunk_bytes=64 << 10)
+    assert pushed.shards_total > 200
+
+    with BackgroundServer(store, servicer=DistantRegistry(store, set())) as server:
+        url = f"grpc://{server.address}/many:v1"
+        shardstore.pull(url, tmp_path / "warm", cache=tmp_path / "cache")
+        command = [sys.executable, "-m", "shardstore", "pull", url, str(tmp_path / "out"), "--threads", "64",
+                   "--cache", str(tmp_path / "cache"), "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["shards_cached"] == pushed.shards_total and report["shards_fetched"] == 0
+    for path in model.iterdir():
+        assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_the_manifest_that_came_with_the_ref_is_used_once(tmp_path: Path) -> None:
+    store, _ = push_small_model(tmp_path)
+    servicer = CountingRegistry(store)
+    with BackgroundServer(store, servicer=servicer) as server, GrpcClient(server.address) as client:
+        manifest_id = client.resolve(parse_ref("small:v1"))
+        first = client.get_manifest(manifest_id)
+        assert servicer.calls["GetManifest"] == 0
+        # Not held on to: a second read asks the server, as it did before the ref brought the manifest.
+        assert client.get_manifest(manifest_id) == first
+        assert servicer.calls["GetManifest"] == 1
+        assert client.resolve(parse_ref("small:v1"), with_manifest=False) == manifest_id
+    assert servicer.asked_with_manifest == [True, False]
+
+
+class SignerFails(LocalStore):
+    """A store whose URL signer raises (an object store without credentials yet)."""
+
+    def signed_url(self, key: str, expires_s: int) -> str | None:
+        raise RuntimeError("no credentials")
+
+
+def test_a_store_whose_signer_fails_still_answers_refs_and_serves_pulls(tmp_path: Path) -> None:
+    _, model = push_small_model(tmp_path)
+    store = SignerFails(tmp_path / "store")
+    servicer = CountingRegistry(store)
+    with BackgroundServer(store, servicer=servicer) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            answer = pb_grpc.RegistryStub(channel).ResolveRef(pb.ResolveRefRequest(name="small", tag="v1"), timeout=10)
+        assert answer.manifest_id and not answer.HasField("signs_urls")  # unknown, so left unset
+        shardstore.pull(f"grpc://{server.address}/small:v1", tmp_path / "out", cache=tmp_path / "cold")
+    _same_files(model, tmp_path / "out")
+    assert servicer.calls["SignObjectUrls"] == 1  # the client asked itself, as with a server from before
