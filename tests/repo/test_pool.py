@@ -92,14 +92,18 @@ def test_a_started_map_never_holds_more_than_its_window() -> None:
         started.append(i)
         return i
 
+    def once_started(count: int) -> list[int]:
+        deadline = time.monotonic() + 10
+        while len(started) < count and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return sorted(started)
+
     run = OrderedMap(work, range(10), 2, window=2).start()
     results = iter(run)
-    time.sleep(0.1)
-    assert sorted(started) == [0, 1]
+    assert once_started(2) == [0, 1]
     assert next(results) == 0
-    time.sleep(0.1)  # whatever iterating submitted has had time to start
+    time.sleep(0.2)  # whatever iterating submitted has had time to start
     assert sorted(started) == [0, 1]  # the first result went out before a third task came in
     assert next(results) == 1
-    time.sleep(0.1)
-    assert sorted(started) == [0, 1, 2]
+    assert once_started(3) == [0, 1, 2]
     assert list(results) == list(range(2, 10))

@@ -37,7 +37,7 @@ from shardstore.rpc.client import GrpcClient
 from shardstore.rpc.server import RegistryServicer
 from shardstore.store import LocalStore
 
-ROUND_TRIP_S = 0.15
+ROUND_TRIP_S = 0.3  # long beside the few ms a pull takes to start its shard stream, even on a busy machine
 FILES = 3
 
 
