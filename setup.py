@@ -11,6 +11,7 @@ setup(
         Extension(
             "shardstore.codecs._entropy",
             sources=["shardstore/codecs/_entropy.c"],
+            depends=["shardstore/codecs/_entropy_rans.h"],  # included twice (AVX2, AVX-512)
             # Portable flags only: wheels and CI machines may differ from the build host.
             extra_compile_args=["-O3", "-std=c99"],
             optional=True,

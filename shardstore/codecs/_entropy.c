@@ -120,9 +120,12 @@ static int parse_layout(layout_t *lay, int itemsize, int rotate, Py_buffer *widt
 #include <immintrin.h>
 #define AVX2 __attribute__((target("avx2,fma,popcnt")))
 #define AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma,popcnt")))
+/* The decoder's rANS steps also come in an AVX-512 (F, VL) build, on 256-bit vectors still. */
+#define AVX512 __attribute__((target("avx2,fma,popcnt,avx512f,avx512vl")))
+#define AVX512_INLINE static inline __attribute__((always_inline, target("avx2,fma,popcnt,avx512f,avx512vl")))
 #endif
 
-static int have_avx2 = 0;
+static int have_avx2 = 0, have_avx512 = 0;
 
 /* ------------------------------------------------------------------ encode */
 
@@ -484,12 +487,18 @@ static void init_renorm_tables(void) {
 /* table[idx] for eight lanes. Eight scalar loads rather than a gather: on AMD Zen 4, where this
  * was measured, vpgatherdd costs about a cycle per element, and the loads made the whole decode
  * 1.5x and the encode 1.1x faster (on other CPUs a gather may win; not measured there). */
-AVX2_INLINE __m256i lookup8(const uint32_t *table, __m256i idx) {
+AVX2_INLINE __m256i lookup8_k(const uint32_t *table, __m256i idx, const int reload) {
     uint32_t i[8] __attribute__((aligned(32)));
     _mm256_store_si256((__m256i *)i, idx);
+    /* `reload`: read the indices back from memory. Left to itself the compiler extracts them
+     * with vpextrd, two micro-ops each on Zen 4 where a load is one: the decoder is bound by
+     * micro-ops and runs 5% faster; the encoder, bound by its division, does not gain. */
+    if (reload) __asm__("" : "+m"(i));
     return _mm256_setr_epi32((int)table[i[0]], (int)table[i[1]], (int)table[i[2]], (int)table[i[3]],
                              (int)table[i[4]], (int)table[i[5]], (int)table[i[6]], (int)table[i[7]]);
 }
+
+AVX2_INLINE __m256i lookup8(const uint32_t *table, __m256i idx) { return lookup8_k(table, idx, 0); }
 
 /* Eight elements from p as 32-bit lanes, sign rotated to bit 0 for floats (k = 1, 2 or 4). */
 AVX2_INLINE __m256i load8_elems(const uint8_t *p, const int k, int rotate) {
@@ -1013,68 +1022,6 @@ ALWAYS_INLINE void merge_fields(const layout_t *lay, const uint16_t *tmp, uint8_
  * (measured: 5-7% faster decodes). */
 #define PREFETCH_AHEAD 1024
 
-/* One rANS decode step on eight lanes: returns the new states, the symbols in *sym. */
-AVX2_INLINE __m256i rans_step8(__m256i x, const uint32_t *tab, __m256i hi_slot, const uint8_t **pp, __m256i *sym,
-                               const int wide) {
-    const __m256i low12 = _mm256_set1_epi32(0xfff);
-    const __m256i low16 = _mm256_set1_epi32(0xffff);
-    __m256i slot = _mm256_and_si256(x, low12);
-    __m256i e = lookup8(tab, slot);
-    __m256i s = _mm256_srli_epi32(e, 24);
-    if (wide) /* 9-bit field: bit 8 from the slot */
-        s = _mm256_or_si256(s, _mm256_and_si256(_mm256_cmpgt_epi32(slot, hi_slot), _mm256_set1_epi32(256)));
-    *sym = s;
-    x = _mm256_add_epi32(
-        _mm256_mullo_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 12), low12), _mm256_srli_epi32(x, PROB_BITS)),
-        _mm256_and_si256(e, low12));
-    __m256i need = _mm256_cmpeq_epi32(_mm256_min_epu32(x, low16), x); /* x < 2^16 */
-    int m = _mm256_movemask_ps(_mm256_castsi256_ps(need));
-    const uint8_t *p = *pp;
-    __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-    words = _mm256_permutevar8x32_epi32(words, _mm256_loadu_si256((const __m256i *)renorm_perm[m]));
-    x = _mm256_blendv_epi8(x, _mm256_or_si256(_mm256_slli_epi32(x, 16), words), need);
-    *pp = p + 2 * _mm_popcnt_u32((unsigned)m);
-    return x;
-}
-
-/* Whole groups of a coded field's symbols as 16-bit values at dst, while the payload has a
- * group's worth of words (the fields other than the fused one, and the fused one's rest);
- * returns the symbols done, a multiple of LANES. */
-AVX2_INLINE Py_ssize_t rans_decode_avx2_k(field_dec_t *fd, uint16_t *restrict dst, Py_ssize_t cnt, const int wide) {
-    const uint32_t *tab = fd->table;
-    const __m256i hi_slot = _mm256_set1_epi32((int)fd->hi_slot - 1);
-    const uint8_t *p = fd->wp, *end = fd->wend;
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)(fd->st + 0));
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(fd->st + 8));
-    __m256i x2 = _mm256_loadu_si256((const __m256i *)(fd->st + 16));
-    __m256i x3 = _mm256_loadu_si256((const __m256i *)(fd->st + 24));
-    Py_ssize_t i = 0;
-    /* 32 symbols read at most 32 words; each 16-byte load stays inside the payload. */
-    while (cnt - i >= LANES && end - p >= 2 * LANES) {
-        __m256i s0, s1, s2, s3;
-        x0 = rans_step8(x0, tab, hi_slot, &p, &s0, wide);
-        x1 = rans_step8(x1, tab, hi_slot, &p, &s1, wide);
-        x2 = rans_step8(x2, tab, hi_slot, &p, &s2, wide);
-        x3 = rans_step8(x3, tab, hi_slot, &p, &s3, wide);
-        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
-        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(s0, s1), 0xd8));
-        _mm256_storeu_si256((__m256i *)(dst + i + 16), _mm256_permute4x64_epi64(_mm256_packus_epi32(s2, s3), 0xd8));
-        i += LANES;
-    }
-    _mm256_storeu_si256((__m256i *)(fd->st + 0), x0);
-    _mm256_storeu_si256((__m256i *)(fd->st + 8), x1);
-    _mm256_storeu_si256((__m256i *)(fd->st + 16), x2);
-    _mm256_storeu_si256((__m256i *)(fd->st + 24), x3);
-    fd->wp = p;
-    return i;
-}
-
-static AVX2 int rans_decode_avx2(field_dec_t *fd, int w, uint16_t *restrict dst, Py_ssize_t cnt) {
-    Py_ssize_t i = 0;
-    if (!fd->constant) i = w > 8 ? rans_decode_avx2_k(fd, dst, cnt, 1) : rans_decode_avx2_k(fd, dst, cnt, 0);
-    return rans_decode_scalar(fd, w, dst, i, cnt);
-}
-
 /* Element vectors from the other fields' values (16-bit, at tmp + f * CHUNK + i) and this
  * field's symbols, sign rotated back: eight 32-bit lanes. */
 AVX2_INLINE __m256i merge8(const layout_t *lay, const uint16_t *tmp, Py_ssize_t i, int fc, __m256i sym,
@@ -1089,47 +1036,27 @@ AVX2_INLINE __m256i merge8(const layout_t *lay, const uint16_t *tmp, Py_ssize_t 
     return k == 2 ? _mm256_and_si256(u, _mm256_set1_epi32(0xffff)) : u;
 }
 
-/* The fused last step of a chunk: coded field fc decodes straight into finished elements at dst,
- * the other fields' values already in tmp. Returns the elements done, a multiple of LANES. */
-AVX2_INLINE Py_ssize_t rans_decode_fused_k(const layout_t *lay, field_dec_t *fd, int fc, const uint16_t *tmp,
-                                           uint8_t *dst, Py_ssize_t cnt, const int k, const int nf, const int rotate,
-                                           const int wide) {
-    const uint32_t *tab = fd->table;
-    const __m256i hi_slot = _mm256_set1_epi32((int)fd->hi_slot - 1);
-    const uint8_t *p = fd->wp, *end = fd->wend;
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)(fd->st + 0));
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(fd->st + 8));
-    __m256i x2 = _mm256_loadu_si256((const __m256i *)(fd->st + 16));
-    __m256i x3 = _mm256_loadu_si256((const __m256i *)(fd->st + 24));
-    Py_ssize_t i = 0;
-    while (cnt - i >= LANES && end - p >= 2 * LANES) {
-        __m256i s0, s1, s2, s3;
-        x0 = rans_step8(x0, tab, hi_slot, &p, &s0, wide);
-        x1 = rans_step8(x1, tab, hi_slot, &p, &s1, wide);
-        x2 = rans_step8(x2, tab, hi_slot, &p, &s2, wide);
-        x3 = rans_step8(x3, tab, hi_slot, &p, &s3, wide);
-        __m256i e0 = merge8(lay, tmp, i, fc, s0, k, nf, rotate), e1 = merge8(lay, tmp, i + 8, fc, s1, k, nf, rotate);
-        __m256i e2 = merge8(lay, tmp, i + 16, fc, s2, k, nf, rotate);
-        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
-        __m256i e3 = merge8(lay, tmp, i + 24, fc, s3, k, nf, rotate);
-        uint8_t *o = dst + i * k;
-        if (k == 2) {
-            _mm256_storeu_si256((__m256i *)o, _mm256_permute4x64_epi64(_mm256_packus_epi32(e0, e1), 0xd8));
-            _mm256_storeu_si256((__m256i *)(o + 32), _mm256_permute4x64_epi64(_mm256_packus_epi32(e2, e3), 0xd8));
-        } else {
-            _mm256_storeu_si256((__m256i *)o, e0);
-            _mm256_storeu_si256((__m256i *)(o + 32), e1);
-            _mm256_storeu_si256((__m256i *)(o + 64), e2);
-            _mm256_storeu_si256((__m256i *)(o + 96), e3);
-        }
-        i += LANES;
+/* Constants for unpack16: which bytes each of eight values needs, and the multiplier that moves
+ * its bits to the top of its 16-bit lane. */
+static AVX2 void unpack_consts(int w, __m256i *shuffle, __m256i *mult) {
+    uint8_t shuf[16];
+    uint16_t mul[8];
+    for (int j = 0; j < 8; j++) {
+        int bit = w * j;
+        shuf[2 * j] = (uint8_t)(bit >> 3);
+        shuf[2 * j + 1] = (uint8_t)((bit >> 3) + 1);
+        mul[j] = (uint16_t)(1u << (16 - w - (bit & 7)));
     }
-    _mm256_storeu_si256((__m256i *)(fd->st + 0), x0);
-    _mm256_storeu_si256((__m256i *)(fd->st + 8), x1);
-    _mm256_storeu_si256((__m256i *)(fd->st + 16), x2);
-    _mm256_storeu_si256((__m256i *)(fd->st + 24), x3);
-    fd->wp = p;
-    return i;
+    *shuffle = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)shuf));
+    *mult = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mul));
+}
+
+/* Sixteen w-bit values (w < 8) packed from base, as 16-bit lanes: reads base[0, w + 16). */
+AVX2_INLINE __m256i unpack16(const uint8_t *base, int w, __m256i shuffle, __m256i mult) {
+    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)base)),
+                                        _mm_loadu_si128((const __m128i *)(base + w)), 1);
+    v = _mm256_mullo_epi16(_mm256_shuffle_epi8(v, shuffle), mult);
+    return _mm256_srl_epi16(v, _mm_cvtsi32_si128(16 - w));
 }
 
 /* Raw w-bit values, 16 per step: each 128-bit half takes 8 values (w bytes) from a 16-byte load;
@@ -1145,48 +1072,50 @@ static AVX2 void raw_unpack_avx2(const field_dec_t *fd, int w, Py_ssize_t i0, ui
                                 _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(r + i0 + i))));
         }
     } else if ((i0 * w) % 8 == 0) {
-        uint8_t shuf[16];
-        uint16_t mul[8];
-        for (int j = 0; j < 8; j++) {
-            int bit = w * j;
-            shuf[2 * j] = (uint8_t)(bit >> 3);
-            shuf[2 * j + 1] = (uint8_t)((bit >> 3) + 1);
-            mul[j] = (uint16_t)(1u << (16 - w - (bit & 7)));
-        }
-        const __m256i shuffle = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)shuf));
-        const __m256i mult = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)mul));
-        const int down = 16 - w;
+        __m256i shuffle, mult;
+        unpack_consts(w, &shuffle, &mult);
         for (; i + 16 <= cnt && (i0 + i) / 8 * w + w + 16 <= fd->raw_len; i += 16) {
             const uint8_t *base = r + (i0 + i) / 8 * w;
             _mm_prefetch((const char *)(base + PREFETCH_AHEAD), _MM_HINT_T0);
-            __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)base)),
-                                                _mm_loadu_si128((const __m128i *)(base + w)), 1);
-            v = _mm256_mullo_epi16(_mm256_shuffle_epi8(v, shuffle), mult);
-            _mm256_storeu_si256((__m256i *)(dst + i), _mm256_srl_epi16(v, _mm_cvtsi32_si128(down)));
+            _mm256_storeu_si256((__m256i *)(dst + i), unpack16(base, w, shuffle, mult));
         }
     }
     raw_unpack_scalar(fd, w, i0, dst, i, cnt);
 }
 
-/* The fused step for the layouts that have one (k = 2 or 4, every field up to 4): returns the
- * elements done, or 0 where there is no fused loop for the layout. */
-static AVX2 Py_ssize_t decode_fused_avx2(const layout_t *lay, field_dec_t *fd, int fc, const uint16_t *tmp,
-                                         uint8_t *dst, Py_ssize_t cnt) {
-    int wide = lay->widths[fc] > 8, rot = lay->rotate != 0;
-#define FUSED(K, NF, ROT, WIDE) return rans_decode_fused_k(lay, fd, fc, tmp, dst, cnt, K, NF, ROT, WIDE)
-#define FUSED_RW(K, NF)                              \
-    do {                                             \
-        if (rot && wide) FUSED(K, NF, 1, 1);         \
-        if (rot) FUSED(K, NF, 1, 0);                 \
-        if (wide) FUSED(K, NF, 0, 1);                \
-        FUSED(K, NF, 0, 0);                          \
-    } while (0)
-    if (lay->itemsize == 2 && lay->nfields == 2) FUSED_RW(2, 2);
-    if (lay->itemsize == 4 && lay->nfields == 4) FUSED_RW(4, 4);
-#undef FUSED_RW
-#undef FUSED
-    return 0;
+/* The layouts rans_decode_fused_raw16_k serves: two-byte elements, field 0 coded (and not
+ * constant), field 1 raw and at most a byte wide, the chunk's first raw value on a byte. */
+static int fuses_raw16(const layout_t *lay, const field_dec_t *fds, int fused, Py_ssize_t c0) {
+    return lay->itemsize == 2 && lay->nfields == 2 && fused == 0 && !fds[1].coded && lay->widths[1] <= 8 &&
+           (c0 * lay->widths[1]) % 8 == 0;
 }
+
+#define RANS_CAT_(a, b) a##_##b
+#define RANS_CAT(a, b) RANS_CAT_(a, b)
+#define RANS_FN(name) RANS_CAT(name, RANS_ISA)
+
+#define RANS_ISA avx2
+#define RANS_TARGET AVX2
+#define RANS_INLINE AVX2_INLINE
+#define RANS_AVX512 0
+#include "_entropy_rans.h"
+#undef RANS_ISA
+#undef RANS_TARGET
+#undef RANS_INLINE
+#undef RANS_AVX512
+
+#define RANS_ISA avx512
+#define RANS_TARGET AVX512
+#define RANS_INLINE AVX512_INLINE
+#define RANS_AVX512 1
+#include "_entropy_rans.h"
+#undef RANS_ISA
+#undef RANS_TARGET
+#undef RANS_INLINE
+#undef RANS_AVX512
+
+/* The SIMD rANS function of a decode level: 2 AVX-512, otherwise AVX2 (a constant at each use). */
+#define RANS_CALL(simd, name) ((simd) == 2 ? name##_avx512 : name##_avx2)
 #endif
 
 ALWAYS_INLINE const char *decode_piece_impl(const layout_t *lay, const uint8_t *stream, Py_ssize_t len, uint8_t *out,
@@ -1212,14 +1141,19 @@ ALWAYS_INLINE const char *decode_piece_impl(const layout_t *lay, const uint8_t *
         for (Py_ssize_t c0 = 0; c0 < nb; c0 += CHUNK) {
             Py_ssize_t cnt = nb - c0 < CHUNK ? nb - c0 : CHUNK;
             uint8_t *dst = out + (i0 + c0) * k;
+            /* Field 1 raw beside a fused field 0 of two-byte elements: unpacked in the fused loop. */
+            int raw16 = 0;
+#ifdef HAVE_AVX2_PATH
+            raw16 = fused >= 0 && fuses_raw16(lay, fds, fused, c0);
+#endif
             for (int f = 0; f < nf; f++) {
-                if (f == fused) continue;
+                if (f == fused || (raw16 && f == 1)) continue;
                 uint16_t *t = tmp + f * CHUNK;
                 if (fds[f].coded) {
                     int rc;
 #ifdef HAVE_AVX2_PATH
                     if (simd)
-                        rc = rans_decode_avx2(&fds[f], lay->widths[f], t, cnt);
+                        rc = RANS_CALL(simd, rans_decode)(&fds[f], lay->widths[f], t, cnt);
                     else
 #endif
                         rc = rans_decode_scalar(&fds[f], lay->widths[f], t, 0, cnt);
@@ -1238,12 +1172,16 @@ ALWAYS_INLINE const char *decode_piece_impl(const layout_t *lay, const uint8_t *
             }
             Py_ssize_t done_elems = 0;
 #ifdef HAVE_AVX2_PATH
+            if (raw16) {
+                done_elems = RANS_CALL(simd, decode_fused_raw16)(lay, fds, c0, dst, cnt);
+                raw_unpack_avx2(&fds[1], lay->widths[1], c0 + done_elems, tmp + CHUNK + done_elems, cnt - done_elems);
+            } else if (fused >= 0)
+                done_elems = RANS_CALL(simd, decode_fused)(lay, &fds[fused], fused, tmp, dst, cnt);
             if (fused >= 0) {
-                done_elems = decode_fused_avx2(lay, &fds[fused], fused, tmp, dst, cnt);
                 /* The rest of the chunk (a partial group, the last words, or no fused loop for
                  * this layout) goes through the 16-bit values and the merge; done_elems is a
                  * whole number of groups, so symbol i still goes to lane i % 32. */
-                int rc = rans_decode_avx2(&fds[fused], lay->widths[fused], tmp + fused * CHUNK + done_elems,
+                int rc = RANS_CALL(simd, rans_decode)(&fds[fused], lay->widths[fused], tmp + fused * CHUNK + done_elems,
                                           cnt - done_elems);
                 if (rc < 0) {
                     err = "rANS stream ends early";
@@ -1278,13 +1216,19 @@ static AVX2 const char *decode_piece_avx2(const layout_t *lay, const uint8_t *st
                                           Py_ssize_t n) {
     return decode_piece_impl(lay, stream, len, out, n, 1);
 }
+
+/* And with the AVX-512 rANS steps (the rest of the loops as in the AVX2 build). */
+static AVX512 const char *decode_piece_avx512(const layout_t *lay, const uint8_t *stream, Py_ssize_t len,
+                                              uint8_t *out, Py_ssize_t n) {
+    return decode_piece_impl(lay, stream, len, out, n, 2);
+}
 #endif
 
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_buffer stream, widths, out;
-    int itemsize, rotate, simd = 1;
+    int itemsize, rotate, simd = 2;
     Py_ssize_t block_elems;
-    if (!PyArg_ParseTuple(args, "y*iiy*nw*|p", &stream, &itemsize, &rotate, &widths, &block_elems, &out, &simd))
+    if (!PyArg_ParseTuple(args, "y*iiy*nw*|i", &stream, &itemsize, &rotate, &widths, &block_elems, &out, &simd))
         return NULL;
     layout_t lay;
     PyObject *result = NULL;
@@ -1299,7 +1243,9 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     Py_ssize_t n = out.len / itemsize;
     Py_BEGIN_ALLOW_THREADS
 #ifdef HAVE_AVX2_PATH
-    if (simd && have_avx2)
+    if (simd >= 2 && have_avx512)
+        err = decode_piece_avx512(&lay, src, stream.len, dst, n);
+    else if (simd >= 1 && have_avx2)
         err = decode_piece_avx2(&lay, src, stream.len, dst, n);
     else
 #endif
@@ -1317,13 +1263,16 @@ done:
     return result;
 }
 
-static PyObject *py_simd(PyObject *self, PyObject *args) { return PyUnicode_FromString(have_avx2 ? "avx2" : "none"); }
+static PyObject *py_simd(PyObject *self, PyObject *args) {
+    return PyUnicode_FromString(have_avx512 ? "avx512" : have_avx2 ? "avx2" : "none");
+}
 
 static PyMethodDef methods[] = {
     {"encode_piece", py_encode_piece, METH_VARARGS,
      "Encode a whole piece: tables, raw/coded choice, payloads (last arg: allow SIMD)."},
-    {"decode", py_decode, METH_VARARGS, "Decode a whole piece into a writable buffer (last arg: allow SIMD)."},
-    {"simd", py_simd, METH_NOARGS, "The SIMD path this CPU uses: 'avx2' or 'none'."},
+    {"decode", py_decode, METH_VARARGS,
+     "Decode a whole piece into a writable buffer (last arg: the most SIMD to use, 0 none, 1 AVX2, 2 AVX-512)."},
+    {"simd", py_simd, METH_NOARGS, "The best SIMD path this CPU has: 'avx512', 'avx2' or 'none'."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1333,6 +1282,7 @@ PyMODINIT_FUNC PyInit__entropy(void) {
 #ifdef HAVE_AVX2_PATH
     __builtin_cpu_init();
     have_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("popcnt");
+    have_avx512 = have_avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
     init_renorm_tables();
 #endif
     return PyModule_Create(&module);

@@ -450,31 +450,38 @@ def _decode_field(reader: _Reader, w: int, nb: int) -> npt.NDArray[np.int64]:
 NUMPY_KERNELS: Kernels = NumpyKernels()
 C_KERNELS: Kernels | None
 C_PORTABLE_KERNELS: Kernels | None  # the C loops without SIMD, for tests on machines that have it
+C_AVX2_KERNELS: Kernels | None  # the AVX2 decode loops where the CPU also has AVX-512, for tests
 try:
     from shardstore.codecs import _entropy  # type: ignore[attr-defined]
 
     C_KERNELS = _entropy
 
-    class _PortableC:
-        """The C kernels with the SIMD loops switched off (same bytes, any x86-64 or other CPU)."""
+    class _CappedC:
+        """The C kernels held to a SIMD level: 0 none (any x86-64 or other CPU), 1 at most AVX2.
+        Every level gives the same bytes."""
 
-        @staticmethod
+        def __init__(self, level: int) -> None:
+            self.level = level
+
         def encode_piece(
-            data: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int, cost: bytes
+            self, data: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int, cost: bytes
         ) -> bytes:
-            encoded: bytes = _entropy.encode_piece(data, itemsize, rotate, widths, block_elems, cost, False)
+            encoded: bytes = _entropy.encode_piece(
+                data, itemsize, rotate, widths, block_elems, cost, self.level > 0
+            )
             return encoded
 
-        @staticmethod
         def decode(
-            stream: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int, out: memoryview
+            self, stream: Buffer, itemsize: int, rotate: int, widths: bytes, block_elems: int, out: memoryview
         ) -> None:
-            _entropy.decode(stream, itemsize, rotate, widths, block_elems, out, False)
+            _entropy.decode(stream, itemsize, rotate, widths, block_elems, out, self.level)
 
-    C_PORTABLE_KERNELS = _PortableC()
+    C_PORTABLE_KERNELS = _CappedC(0)
+    C_AVX2_KERNELS = _CappedC(1) if _entropy.simd() == "avx512" else None
 except ImportError:  # no compiler at install time: same format, numpy speed
     C_KERNELS = None
     C_PORTABLE_KERNELS = None
+    C_AVX2_KERNELS = None
 
 DEFAULT_KERNELS: Kernels = C_KERNELS if C_KERNELS is not None else NUMPY_KERNELS
 
