@@ -1036,6 +1036,35 @@ AVX2_INLINE __m256i merge8(const layout_t *lay, const uint16_t *tmp, Py_ssize_t 
     return k == 2 ? _mm256_and_si256(u, _mm256_set1_epi32(0xffff)) : u;
 }
 
+/* Where a SIMD loop is in a coded field: its table, its 32 lane states as four vectors of eight,
+ * and its next word. */
+typedef struct {
+    const uint32_t *tab;
+    __m256i hi_slot; /* the first slot of a symbol >= 256, less one (9-bit fields) */
+    __m256i x[4];
+    const uint8_t *p, *end;
+} rans_cursor_t;
+
+AVX2_INLINE rans_cursor_t open_cursor(const field_dec_t *fd) {
+    rans_cursor_t c;
+    c.tab = fd->table;
+    c.hi_slot = _mm256_set1_epi32((int)fd->hi_slot - 1);
+    for (int j = 0; j < 4; j++) c.x[j] = _mm256_loadu_si256((const __m256i *)(fd->st + 8 * j));
+    c.p = fd->wp;
+    c.end = fd->wend;
+    return c;
+}
+
+/* Whether a whole group may be decoded: 32 symbols read at most 32 words, and each step's
+ * 16-byte load stays inside the payload. */
+AVX2_INLINE int has_group(const rans_cursor_t *c) { return c->end - c->p >= 2 * LANES; }
+
+/* The states and the word position back into the field, where the scalar tail goes on. */
+AVX2_INLINE void close_cursor(field_dec_t *fd, const rans_cursor_t *c) {
+    for (int j = 0; j < 4; j++) _mm256_storeu_si256((__m256i *)(fd->st + 8 * j), c->x[j]);
+    fd->wp = c->p;
+}
+
 /* Constants for unpack16: which bytes each of eight values needs, and the multiplier that moves
  * its bits to the top of its 16-bit lane. */
 static AVX2 void unpack_consts(int w, __m256i *shuffle, __m256i *mult) {

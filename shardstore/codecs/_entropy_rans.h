@@ -12,8 +12,8 @@
  */
 
 /* One rANS decode step on eight lanes: returns the new states, the symbols in *sym. */
-RANS_INLINE __m256i RANS_FN(rans_step8)(__m256i x, const uint32_t *tab, __m256i hi_slot, const uint8_t **pp, __m256i *sym,
-                               const int wide) {
+RANS_INLINE __m256i RANS_FN(rans_step8)(__m256i x, const uint32_t *tab, __m256i hi_slot, const uint8_t **pp,
+                                        __m256i *sym, const int wide) {
     const __m256i low12 = _mm256_set1_epi32(0xfff);
     __m256i slot = _mm256_and_si256(x, low12);
     __m256i e = lookup8_k(tab, slot, 1);
@@ -45,35 +45,26 @@ RANS_INLINE __m256i RANS_FN(rans_step8)(__m256i x, const uint32_t *tab, __m256i 
     return x;
 }
 
+/* One group: the next 32 symbols, symbol i from lane i % 32, eight to each of s[0..3]. */
+RANS_INLINE void RANS_FN(rans_group)(rans_cursor_t *c, __m256i s[4], const int wide) {
+    for (int j = 0; j < 4; j++) c->x[j] = RANS_FN(rans_step8)(c->x[j], c->tab, c->hi_slot, &c->p, &s[j], wide);
+}
+
 /* Whole groups of a coded field's symbols as 16-bit values at dst, while the payload has a
  * group's worth of words (the fields other than the fused one, and the fused one's rest);
  * returns the symbols done, a multiple of LANES. */
 RANS_INLINE Py_ssize_t RANS_FN(rans_decode_k)(field_dec_t *fd, uint16_t *restrict dst, Py_ssize_t cnt, const int wide) {
-    const uint32_t *tab = fd->table;
-    const __m256i hi_slot = _mm256_set1_epi32((int)fd->hi_slot - 1);
-    const uint8_t *p = fd->wp, *end = fd->wend;
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)(fd->st + 0));
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(fd->st + 8));
-    __m256i x2 = _mm256_loadu_si256((const __m256i *)(fd->st + 16));
-    __m256i x3 = _mm256_loadu_si256((const __m256i *)(fd->st + 24));
+    rans_cursor_t c = open_cursor(fd);
     Py_ssize_t i = 0;
-    /* 32 symbols read at most 32 words; each 16-byte load stays inside the payload. */
-    while (cnt - i >= LANES && end - p >= 2 * LANES) {
-        __m256i s0, s1, s2, s3;
-        x0 = RANS_FN(rans_step8)(x0, tab, hi_slot, &p, &s0, wide);
-        x1 = RANS_FN(rans_step8)(x1, tab, hi_slot, &p, &s1, wide);
-        x2 = RANS_FN(rans_step8)(x2, tab, hi_slot, &p, &s2, wide);
-        x3 = RANS_FN(rans_step8)(x3, tab, hi_slot, &p, &s3, wide);
-        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
-        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(s0, s1), 0xd8));
-        _mm256_storeu_si256((__m256i *)(dst + i + 16), _mm256_permute4x64_epi64(_mm256_packus_epi32(s2, s3), 0xd8));
+    while (cnt - i >= LANES && has_group(&c)) {
+        __m256i s[4];
+        RANS_FN(rans_group)(&c, s, wide);
+        _mm_prefetch((const char *)(c.p + PREFETCH_AHEAD), _MM_HINT_T0);
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(s[0], s[1]), 0xd8));
+        _mm256_storeu_si256((__m256i *)(dst + i + 16), _mm256_permute4x64_epi64(_mm256_packus_epi32(s[2], s[3]), 0xd8));
         i += LANES;
     }
-    _mm256_storeu_si256((__m256i *)(fd->st + 0), x0);
-    _mm256_storeu_si256((__m256i *)(fd->st + 8), x1);
-    _mm256_storeu_si256((__m256i *)(fd->st + 16), x2);
-    _mm256_storeu_si256((__m256i *)(fd->st + 24), x3);
-    fd->wp = p;
+    close_cursor(fd, &c);
     return i;
 }
 
@@ -86,26 +77,18 @@ static RANS_TARGET int RANS_FN(rans_decode)(field_dec_t *fd, int w, uint16_t *re
 /* The fused last step of a chunk: coded field fc decodes straight into finished elements at dst,
  * the other fields' values already in tmp. Returns the elements done, a multiple of LANES. */
 RANS_INLINE Py_ssize_t RANS_FN(rans_decode_fused_k)(const layout_t *lay, field_dec_t *fd, int fc, const uint16_t *tmp,
-                                           uint8_t *dst, Py_ssize_t cnt, const int k, const int nf, const int rotate,
-                                           const int wide) {
-    const uint32_t *tab = fd->table;
-    const __m256i hi_slot = _mm256_set1_epi32((int)fd->hi_slot - 1);
-    const uint8_t *p = fd->wp, *end = fd->wend;
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)(fd->st + 0));
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(fd->st + 8));
-    __m256i x2 = _mm256_loadu_si256((const __m256i *)(fd->st + 16));
-    __m256i x3 = _mm256_loadu_si256((const __m256i *)(fd->st + 24));
+                                                    uint8_t *dst, Py_ssize_t cnt, const int k, const int nf,
+                                                    const int rotate, const int wide) {
+    rans_cursor_t c = open_cursor(fd);
     Py_ssize_t i = 0;
-    while (cnt - i >= LANES && end - p >= 2 * LANES) {
-        __m256i s0, s1, s2, s3;
-        x0 = RANS_FN(rans_step8)(x0, tab, hi_slot, &p, &s0, wide);
-        x1 = RANS_FN(rans_step8)(x1, tab, hi_slot, &p, &s1, wide);
-        x2 = RANS_FN(rans_step8)(x2, tab, hi_slot, &p, &s2, wide);
-        x3 = RANS_FN(rans_step8)(x3, tab, hi_slot, &p, &s3, wide);
-        __m256i e0 = merge8(lay, tmp, i, fc, s0, k, nf, rotate), e1 = merge8(lay, tmp, i + 8, fc, s1, k, nf, rotate);
-        __m256i e2 = merge8(lay, tmp, i + 16, fc, s2, k, nf, rotate);
-        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
-        __m256i e3 = merge8(lay, tmp, i + 24, fc, s3, k, nf, rotate);
+    while (cnt - i >= LANES && has_group(&c)) {
+        __m256i s[4];
+        RANS_FN(rans_group)(&c, s, wide);
+        __m256i e0 = merge8(lay, tmp, i, fc, s[0], k, nf, rotate);
+        __m256i e1 = merge8(lay, tmp, i + 8, fc, s[1], k, nf, rotate);
+        __m256i e2 = merge8(lay, tmp, i + 16, fc, s[2], k, nf, rotate);
+        _mm_prefetch((const char *)(c.p + PREFETCH_AHEAD), _MM_HINT_T0);
+        __m256i e3 = merge8(lay, tmp, i + 24, fc, s[3], k, nf, rotate);
         uint8_t *o = dst + i * k;
         if (k == 2) {
             _mm256_storeu_si256((__m256i *)o, _mm256_permute4x64_epi64(_mm256_packus_epi32(e0, e1), 0xd8));
@@ -118,11 +101,7 @@ RANS_INLINE Py_ssize_t RANS_FN(rans_decode_fused_k)(const layout_t *lay, field_d
         }
         i += LANES;
     }
-    _mm256_storeu_si256((__m256i *)(fd->st + 0), x0);
-    _mm256_storeu_si256((__m256i *)(fd->st + 8), x1);
-    _mm256_storeu_si256((__m256i *)(fd->st + 16), x2);
-    _mm256_storeu_si256((__m256i *)(fd->st + 24), x3);
-    fd->wp = p;
+    close_cursor(fd, &c);
     return i;
 }
 
@@ -131,28 +110,20 @@ RANS_INLINE Py_ssize_t RANS_FN(rans_decode_fused_k)(const layout_t *lay, field_d
  * 16-bit lanes, instead of going through the temporaries (about 10% faster for BF16). Elements
  * [0, cnt) of the chunk that starts at element c0 of the block; returns the elements done, a
  * multiple of LANES. */
-RANS_INLINE Py_ssize_t RANS_FN(rans_decode_fused_raw16_k)(field_dec_t *fd, const field_dec_t *raw, int w1, Py_ssize_t c0,
-                                                 uint8_t *dst, Py_ssize_t cnt, const int byte_wide, const int rotate,
-                                                 const int wide) {
-    const uint32_t *tab = fd->table;
-    const __m256i hi_slot = _mm256_set1_epi32((int)fd->hi_slot - 1);
-    const uint8_t *p = fd->wp, *end = fd->wend, *r = raw->raw;
+RANS_INLINE Py_ssize_t RANS_FN(rans_decode_fused_raw16_k)(field_dec_t *fd, const field_dec_t *raw, int w1,
+                                                          Py_ssize_t c0, uint8_t *dst, Py_ssize_t cnt,
+                                                          const int byte_wide, const int rotate, const int wide) {
+    rans_cursor_t c = open_cursor(fd);
+    const uint8_t *r = raw->raw;
     __m256i shuffle = _mm256_setzero_si256(), mult = _mm256_setzero_si256();
     if (!byte_wide) unpack_consts(w1, &shuffle, &mult);
-    __m256i x0 = _mm256_loadu_si256((const __m256i *)(fd->st + 0));
-    __m256i x1 = _mm256_loadu_si256((const __m256i *)(fd->st + 8));
-    __m256i x2 = _mm256_loadu_si256((const __m256i *)(fd->st + 16));
-    __m256i x3 = _mm256_loadu_si256((const __m256i *)(fd->st + 24));
     Py_ssize_t i = 0;
     /* Each group's raw loads (byte_wide: 32 bytes; else two 16-byte loads w1 bytes apart, twice)
      * stay inside the raw field. */
-    while (cnt - i >= LANES && end - p >= 2 * LANES && (c0 + i) / 8 * w1 + 3 * w1 + 16 <= raw->raw_len) {
-        __m256i s0, s1, s2, s3, m0, m1;
-        x0 = RANS_FN(rans_step8)(x0, tab, hi_slot, &p, &s0, wide);
-        x1 = RANS_FN(rans_step8)(x1, tab, hi_slot, &p, &s1, wide);
-        x2 = RANS_FN(rans_step8)(x2, tab, hi_slot, &p, &s2, wide);
-        x3 = RANS_FN(rans_step8)(x3, tab, hi_slot, &p, &s3, wide);
-        _mm_prefetch((const char *)(p + PREFETCH_AHEAD), _MM_HINT_T0);
+    while (cnt - i >= LANES && has_group(&c) && (c0 + i) / 8 * w1 + 3 * w1 + 16 <= raw->raw_len) {
+        __m256i s[4], m0, m1;
+        RANS_FN(rans_group)(&c, s, wide);
+        _mm_prefetch((const char *)(c.p + PREFETCH_AHEAD), _MM_HINT_T0);
         const uint8_t *base = r + (c0 + i) / 8 * w1;
         _mm_prefetch((const char *)(base + PREFETCH_AHEAD), _MM_HINT_T0);
         if (byte_wide) {
@@ -162,9 +133,9 @@ RANS_INLINE Py_ssize_t RANS_FN(rans_decode_fused_raw16_k)(field_dec_t *fd, const
             m0 = unpack16(base, w1, shuffle, mult);
             m1 = unpack16(base + 2 * w1, w1, shuffle, mult);
         }
-        __m256i u0 = _mm256_or_si256(_mm256_sll_epi16(_mm256_permute4x64_epi64(_mm256_packus_epi32(s0, s1), 0xd8),
+        __m256i u0 = _mm256_or_si256(_mm256_sll_epi16(_mm256_permute4x64_epi64(_mm256_packus_epi32(s[0], s[1]), 0xd8),
                                                       _mm_cvtsi32_si128(w1)), m0);
-        __m256i u1 = _mm256_or_si256(_mm256_sll_epi16(_mm256_permute4x64_epi64(_mm256_packus_epi32(s2, s3), 0xd8),
+        __m256i u1 = _mm256_or_si256(_mm256_sll_epi16(_mm256_permute4x64_epi64(_mm256_packus_epi32(s[2], s[3]), 0xd8),
                                                       _mm_cvtsi32_si128(w1)), m1);
         if (rotate) {
             u0 = _mm256_or_si256(_mm256_srli_epi16(u0, 1), _mm256_slli_epi16(u0, 15));
@@ -174,18 +145,15 @@ RANS_INLINE Py_ssize_t RANS_FN(rans_decode_fused_raw16_k)(field_dec_t *fd, const
         _mm256_storeu_si256((__m256i *)(dst + 2 * i + 32), u1);
         i += LANES;
     }
-    _mm256_storeu_si256((__m256i *)(fd->st + 0), x0);
-    _mm256_storeu_si256((__m256i *)(fd->st + 8), x1);
-    _mm256_storeu_si256((__m256i *)(fd->st + 16), x2);
-    _mm256_storeu_si256((__m256i *)(fd->st + 24), x3);
-    fd->wp = p;
+    close_cursor(fd, &c);
     return i;
 }
 
-static RANS_TARGET Py_ssize_t RANS_FN(decode_fused_raw16)(const layout_t *lay, field_dec_t *fds, Py_ssize_t c0, uint8_t *dst,
-                                               Py_ssize_t cnt) {
+static RANS_TARGET Py_ssize_t RANS_FN(decode_fused_raw16)(const layout_t *lay, field_dec_t *fds, Py_ssize_t c0,
+                                                          uint8_t *dst, Py_ssize_t cnt) {
     int w1 = lay->widths[1], wide = lay->widths[0] > 8, rot = lay->rotate != 0;
-#define FUSED(BW, ROT, WIDE) return RANS_FN(rans_decode_fused_raw16_k)(&fds[0], &fds[1], w1, c0, dst, cnt, BW, ROT, WIDE)
+#define FUSED(BW, ROT, WIDE) \
+    return RANS_FN(rans_decode_fused_raw16_k)(&fds[0], &fds[1], w1, c0, dst, cnt, BW, ROT, WIDE)
     if (w1 == 8) {
         if (rot) FUSED(1, 1, 0);
         FUSED(1, 0, 0);
@@ -200,7 +168,7 @@ static RANS_TARGET Py_ssize_t RANS_FN(decode_fused_raw16)(const layout_t *lay, f
 /* The fused step for the layouts that have one (k = 2 or 4, every field up to 4): returns the
  * elements done, or 0 where there is no fused loop for the layout. */
 static RANS_TARGET Py_ssize_t RANS_FN(decode_fused)(const layout_t *lay, field_dec_t *fd, int fc, const uint16_t *tmp,
-                                         uint8_t *dst, Py_ssize_t cnt) {
+                                                    uint8_t *dst, Py_ssize_t cnt) {
     int wide = lay->widths[fc] > 8, rot = lay->rotate != 0;
 #define FUSED(K, NF, ROT, WIDE) return RANS_FN(rans_decode_fused_k)(lay, fd, fc, tmp, dst, cnt, K, NF, ROT, WIDE)
 #define FUSED_RW(K, NF)                              \
