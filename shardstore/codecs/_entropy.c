@@ -14,7 +14,8 @@
  * Portable C99 built without -march flags; the AVX2 loops (rANS encode and decode, raw field
  * packing and unpacking, the field merge fused into the last coded field's decode) are compiled
  * with a target attribute and chosen at run time (__builtin_cpu_supports), the portable loops
- * otherwise.
+ * otherwise. The decoder's rANS loops also come in an AVX-512 (F, VL) build, from the same source
+ * (_entropy_rans.h, included once per instruction set), chosen where the CPU has it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1246,7 +1247,8 @@ static AVX2 const char *decode_piece_avx2(const layout_t *lay, const uint8_t *st
     return decode_piece_impl(lay, stream, len, out, n, 1);
 }
 
-/* And with the AVX-512 rANS steps (the rest of the loops as in the AVX2 build). */
+/* And with the AVX-512 rANS steps. The merge and the scalar tails are the same source, compiled
+ * with AVX-512 F and VL allowed too (still 256-bit vectors: no zmm in the build). */
 static AVX512 const char *decode_piece_avx512(const layout_t *lay, const uint8_t *stream, Py_ssize_t len,
                                               uint8_t *out, Py_ssize_t n) {
     return decode_piece_impl(lay, stream, len, out, n, 2);
@@ -1300,7 +1302,8 @@ static PyMethodDef methods[] = {
     {"encode_piece", py_encode_piece, METH_VARARGS,
      "Encode a whole piece: tables, raw/coded choice, payloads (last arg: allow SIMD)."},
     {"decode", py_decode, METH_VARARGS,
-     "Decode a whole piece into a writable buffer (last arg: the most SIMD to use, 0 none, 1 AVX2, 2 AVX-512)."},
+     "Decode a whole piece into a writable buffer (last arg: the most SIMD to use, 0 or less none, 1 AVX2, "
+     "2 or more the best the CPU has)."},
     {"simd", py_simd, METH_NOARGS, "The best SIMD path this CPU has: 'avx512', 'avx2' or 'none'."},
     {NULL, NULL, 0, NULL},
 };

@@ -344,10 +344,11 @@ def test_nine_bit_symbols_either_side_of_256(dtype: str) -> None:
 @SIMD
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 def test_long_pieces_decode_alike_on_every_simd_level(dtype: str) -> None:
-    """Pieces of 2**21 weights (eight blocks, a thousand chunks): long enough that a lane's state
-    meets the rare values at the renormalisation threshold (the AVX-512 loop once compared with
-    2**16 - 1 instead of 2**16 and passed every short test). Every C decoder, at every SIMD level
-    the CPU has, gives the input back; the numpy one is left out for its speed."""
+    """Pieces of 2**21 weights (eight blocks, a thousand chunks): long enough that lanes meet the
+    rare states next to the renormalisation threshold many times over. (The first AVX-512 loop
+    compared the state with 2**16 - 1 instead of 2**16: the random short pieces of the property
+    test above passed it; these fail it for every dtype.) Every C decoder, at every SIMD level the
+    CPU has, gives the input back; the numpy one is left out for its speed."""
     x = (np.random.default_rng(7).standard_normal(1 << 21) * 0.02).astype(np.float32)
     raw = _as_dtype(x, dtype)
     blob = E.encode_piece(raw, dtype, E.DEFAULT_BLOCK_ELEMS, E.DEFAULT_KERNELS)
