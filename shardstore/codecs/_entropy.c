@@ -605,7 +605,9 @@ AVX2_INLINE Py_ssize_t rans_encode_avx2_k(const layout_t *lay, const uint8_t *re
 static AVX2 Py_ssize_t rans_encode_avx2(const layout_t *lay, const uint8_t *src, Py_ssize_t i0, Py_ssize_t n, int f,
                                         const int32_t *freqs, uint8_t *dst, uint8_t *scratch_end) {
     switch (lay->itemsize) {
-    case 1: return rans_encode_avx2_k(lay, src, i0, n, f, freqs, dst, scratch_end, 1, 0);
+    case 1:
+        if (lay->rotate && !lay->shifts[f]) return rans_encode_avx2_k(lay, src, i0, n, f, freqs, dst, scratch_end, 1, 1);
+        return rans_encode_avx2_k(lay, src, i0, n, f, freqs, dst, scratch_end, 1, 0);
     case 2:
         if (lay->rotate && !lay->shifts[f]) return rans_encode_avx2_k(lay, src, i0, n, f, freqs, dst, scratch_end, 2, 1);
         return rans_encode_avx2_k(lay, src, i0, n, f, freqs, dst, scratch_end, 2, 0);
