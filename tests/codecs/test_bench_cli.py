@@ -1,8 +1,11 @@
-"""``shardstore bench codecs``: a 0-d int64 tensor (BatchNorm's counter) is benched, --only and --repeats work."""
+"""``shardstore bench codecs``: a 0-d int64 tensor (BatchNorm's counter) is benched, --only and --repeats work;
+and the decode kernel bench runs."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from shardstore.cli import main
+from shardstore.codecs import entropy as E
 
 
 def test_bench_codecs_takes_a_0d_int64_tensor_and_only_and_repeats(tmp_path: Path,
@@ -34,3 +38,22 @@ def test_bench_codecs_refuses_an_unknown_name_and_zero_repeats(tmp_path: Path,
     assert "no codec or peer named nope" in capsys.readouterr().err
     assert main(["bench", "codecs", str(path), "--repeats", "0"]) == 1
     assert "--repeats must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(E.C_KERNELS is None, reason="no C extension")
+def test_decode_kernel_bench_checks_every_row_and_prints_one_json_object() -> None:
+    """bench/bench_decode_kernel.py: every level the CPU has, the fresh-output row and ZipNN, each
+    checked against the piece before it is timed; --json prints one object and nothing else."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "bench_decode_kernel.py"
+    done = subprocess.run([sys.executable, str(script), "--repeats", "1", "--json"], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    best = {"none": 0, "avx2": 1, "avx512": 2}[E._entropy.simd()]
+    assert len(result["pieces"]) == 4
+    for rows in result["pieces"].values():
+        assert [name for name in rows if name.startswith("ours, level")] == [
+            f"ours, level {level} ({name})" for level, name in enumerate(["portable", "avx2", "avx512"][: best + 1])
+        ]
+        assert {"ours, fresh output", "zipnn"} <= set(rows)
+        assert all(row["gb_per_s"] > 0 for row in rows.values())
