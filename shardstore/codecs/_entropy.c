@@ -1039,6 +1039,11 @@ AVX2_INLINE __m256i merge8(const layout_t *lay, const uint16_t *tmp, Py_ssize_t 
     return k == 2 ? _mm256_and_si256(u, _mm256_set1_epi32(0xffff)) : u;
 }
 
+/* Sixteen 32-bit lanes (a's eight, then b's; every value below 2^16) as 16-bit lanes, in order. */
+AVX2_INLINE __m256i pack16(__m256i a, __m256i b) {
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xd8);
+}
+
 /* Where a SIMD loop is in a coded field: its table, its 32 lane states as four vectors of eight,
  * and its next word. */
 typedef struct {
@@ -1213,8 +1218,8 @@ ALWAYS_INLINE const char *decode_piece_impl(const layout_t *lay, const uint8_t *
                 /* The rest of the chunk (a partial group, the last words, or no fused loop for
                  * this layout) goes through the 16-bit values and the merge; done_elems is a
                  * whole number of groups, so symbol i still goes to lane i % 32. */
-                int rc = RANS_CALL(simd, rans_decode)(&fds[fused], lay->widths[fused], tmp + fused * CHUNK + done_elems,
-                                          cnt - done_elems);
+                int rc = RANS_CALL(simd, rans_decode)(&fds[fused], lay->widths[fused],
+                                                      tmp + fused * CHUNK + done_elems, cnt - done_elems);
                 if (rc < 0) {
                     err = "rANS stream ends early";
                     goto done;

@@ -60,8 +60,8 @@ RANS_INLINE Py_ssize_t RANS_FN(rans_decode_k)(field_dec_t *fd, uint16_t *restric
         __m256i s[4];
         RANS_FN(rans_group)(&c, s, wide);
         _mm_prefetch((const char *)(c.p + PREFETCH_AHEAD), _MM_HINT_T0);
-        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_permute4x64_epi64(_mm256_packus_epi32(s[0], s[1]), 0xd8));
-        _mm256_storeu_si256((__m256i *)(dst + i + 16), _mm256_permute4x64_epi64(_mm256_packus_epi32(s[2], s[3]), 0xd8));
+        _mm256_storeu_si256((__m256i *)(dst + i), pack16(s[0], s[1]));
+        _mm256_storeu_si256((__m256i *)(dst + i + 16), pack16(s[2], s[3]));
         i += LANES;
     }
     close_cursor(fd, &c);
@@ -91,8 +91,8 @@ RANS_INLINE Py_ssize_t RANS_FN(rans_decode_fused_k)(const layout_t *lay, field_d
         __m256i e3 = merge8(lay, tmp, i + 24, fc, s[3], k, nf, rotate);
         uint8_t *o = dst + i * k;
         if (k == 2) {
-            _mm256_storeu_si256((__m256i *)o, _mm256_permute4x64_epi64(_mm256_packus_epi32(e0, e1), 0xd8));
-            _mm256_storeu_si256((__m256i *)(o + 32), _mm256_permute4x64_epi64(_mm256_packus_epi32(e2, e3), 0xd8));
+            _mm256_storeu_si256((__m256i *)o, pack16(e0, e1));
+            _mm256_storeu_si256((__m256i *)(o + 32), pack16(e2, e3));
         } else {
             _mm256_storeu_si256((__m256i *)o, e0);
             _mm256_storeu_si256((__m256i *)(o + 32), e1);
@@ -134,10 +134,8 @@ RANS_INLINE Py_ssize_t RANS_FN(rans_decode_fused_raw16_k)(field_dec_t *fd, const
             m0 = unpack16(base, w1, shuffle, mult);
             m1 = unpack16(base + 2 * w1, w1, shuffle, mult);
         }
-        __m256i u0 = _mm256_or_si256(_mm256_sll_epi16(_mm256_permute4x64_epi64(_mm256_packus_epi32(s[0], s[1]), 0xd8),
-                                                      _mm_cvtsi32_si128(w1)), m0);
-        __m256i u1 = _mm256_or_si256(_mm256_sll_epi16(_mm256_permute4x64_epi64(_mm256_packus_epi32(s[2], s[3]), 0xd8),
-                                                      _mm_cvtsi32_si128(w1)), m1);
+        __m256i u0 = _mm256_or_si256(_mm256_sll_epi16(pack16(s[0], s[1]), _mm_cvtsi32_si128(w1)), m0);
+        __m256i u1 = _mm256_or_si256(_mm256_sll_epi16(pack16(s[2], s[3]), _mm_cvtsi32_si128(w1)), m1);
         if (rotate) {
             u0 = _mm256_or_si256(_mm256_srli_epi16(u0, 1), _mm256_slli_epi16(u0, 15));
             u1 = _mm256_or_si256(_mm256_srli_epi16(u1, 1), _mm256_slli_epi16(u1, 15));

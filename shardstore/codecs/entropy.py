@@ -48,10 +48,9 @@ released: histograms, frequency normalisation, the raw/coded choice and the payl
 every block and field plus the merge back into elements, written straight into the caller's
 buffer, on decode (AVX2 rANS, bit packing and unpacking where the CPU has it, chosen at run
 time, the rANS steps in an AVX-512 build where the CPU has that, and a portable C path otherwise;
-all give the same bytes). Without the extension the
-numpy kernels below produce the same bytes; the C planning mirrors :func:`normalize` and
-:func:`_plan` step for step (integer-only arithmetic, so identical input gives identical bytes
-on every machine, invariant 5).
+all give the same bytes). Without the extension the numpy kernels below produce the same bytes;
+the C planning mirrors :func:`normalize` and :func:`_plan` step for step (integer-only
+arithmetic, so identical input gives identical bytes on every machine, invariant 5).
 """
 
 from __future__ import annotations
