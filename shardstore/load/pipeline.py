@@ -37,7 +37,7 @@ class TensorSink(Sink, Protocol):
     def tensor(self, placement: Placement) -> torch.Tensor | None: ...
 
 
-class _HostSink:
+class _HostSink(TensorSink):
     """Final tensors in host memory; pieces decode straight into them."""
 
     def __init__(self) -> None:
@@ -57,7 +57,7 @@ class _HostSink:
         return as_tensor(self._buffers[placement.name], placement.record.dtype).reshape(placement.shape)
 
 
-class _MetaSink:
+class _MetaSink(TensorSink):
     """Shapes and dtypes only, for planning: nothing is fetched."""
 
     def allocate(self, placement: Placement) -> None:
@@ -73,7 +73,7 @@ class _MetaSink:
         return torch.empty(placement.shape, dtype=torch_dtype(placement.record.dtype), device="meta")
 
 
-class _CudaSink:
+class _CudaSink(TensorSink):
     """Final tensors on one CUDA device, filled from pinned staging buffers by copies on a side stream."""
 
     def __init__(self, device: str, slots: int, slot_bytes: int) -> None:

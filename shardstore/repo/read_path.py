@@ -123,6 +123,15 @@ class Sink(PieceTarget, Protocol):
 
     def finish(self, stats: PipelineStats) -> None: ...
 
+    def gather(self, pieces: Sequence[tuple[Placement, PieceRef]]) -> PieceTarget:
+        """Where the pieces of one shard go, given all of them first, in the order they will be placed.
+
+        A sink that can do better with a shard's pieces together than one by one (a file: one
+        write for pieces that lie end to end) returns a target of its own; by default each piece
+        goes straight through :meth:`target`.
+        """
+        return self
+
 
 @contextmanager
 def naming(path: Path) -> Iterator[None]:
@@ -144,7 +153,12 @@ class FileSpot:
     path: Path
 
 
-class FileSink:
+# The most bytes one gathered file write holds (FileSink.gather): past ~2 MiB a write runs at the
+# disk's full speed, and each worker holds at most one such buffer.
+GATHER_BYTES = 8 << 20
+
+
+class FileSink(Sink):
     """Pieces written into files at their final offsets (pull): no tensor is ever held whole.
 
     Each piece is decoded into a scratch buffer taken from the read-buffer pool (already
@@ -152,6 +166,11 @@ class FileSink:
     in flight whatever the model's size. The scratch is page-aligned and the piece placed in
     it at its file offset's place within a page, so the whole pages of a piece can be written
     straight to the disk, past the page cache (:mod:`shardstore.direct_io`).
+
+    A shard's pieces mostly lie end to end in one file (chunking packs tensors in file order), so
+    :meth:`gather` decodes such a run of pieces into one scratch buffer and writes it at once: a
+    model of many small tensors would otherwise send the disk many small writes, which this VM's
+    disk takes at half the speed of large ones (docs/design.md, "Where pulled bytes land").
     """
 
     def __init__(self, spots: Mapping[str, FileSpot]) -> None:
@@ -162,17 +181,82 @@ class FileSink:
 
     @contextmanager
     def target(self, placement: Placement, start: int, stop: int) -> Iterator[memoryview]:
-        size = stop - start
         spot = self._spots[placement.name]
-        at = spot.offset + start
-        lead = at % spot.writer.align  # the piece sits in the scratch as it will sit in the file's pages
-        view = READ_BUFFERS.take(lead + size)[lead:]
+        view = _scratch(spot.writer, spot.offset + start, stop - start)
         yield view
         with naming(spot.path):
-            spot.writer.write_at(view, at)
+            spot.writer.write_at(view, spot.offset + start)
+
+    def gather(self, pieces: Sequence[tuple[Placement, PieceRef]]) -> PieceTarget:
+        return _GatheredWrites(self, pieces)
 
     def finish(self, stats: PipelineStats) -> None:
         pass
+
+
+def _scratch(writer: DirectWriter, at: int, size: int) -> memoryview:
+    """A pooled buffer for ``size`` bytes bound for file offset ``at``, placed as they will sit in the file's pages."""
+    lead = at % writer.align
+    return READ_BUFFERS.take(lead + size)[lead:]
+
+
+@dataclass
+class _Run:
+    """Pieces that lie end to end in one file: written with one call once the last of them is decoded."""
+
+    spot: FileSpot
+    at: int  # file offset of the first byte
+    size: int = 0
+    left: int = 0  # pieces not yet decoded
+    buffer: memoryview | None = None
+
+
+class _GatheredWrites:
+    """The target :meth:`FileSink.gather` gives one worker for one shard's pieces (used by that worker alone).
+
+    Runs are made of pieces that follow one another in the order given and end to end in one
+    file, each run at most :data:`GATHER_BYTES` (a larger piece stands alone). A run's buffer is
+    taken when its first piece is decoded and written and dropped after its last, so a worker
+    holds one run at a time. A piece that fails to decode leaves its run unwritten (the pull fails).
+    """
+
+    def __init__(self, sink: FileSink, pieces: Sequence[tuple[Placement, PieceRef]]) -> None:
+        self._sink = sink
+        self._runs: dict[tuple[str, int], tuple[_Run, int]] = {}  # (tensor, start) -> its run, offset in it
+        run: _Run | None = None
+        for placement, piece in pieces:
+            spot = sink._spots[placement.name]
+            start, stop = placement.span(piece)
+            at = spot.offset + start
+            joins = (run is not None and run.spot.writer is spot.writer and run.at + run.size == at
+                     and run.size + (stop - start) <= GATHER_BYTES)
+            if not joins:
+                run = _Run(spot, at)
+            assert run is not None
+            self._runs[(placement.name, start)] = (run, run.size)
+            run.size += stop - start
+            run.left += 1
+
+    @contextmanager
+    def target(self, placement: Placement, start: int, stop: int) -> Iterator[memoryview]:
+        planned = self._runs.get((placement.name, start))
+        if planned is None:  # not among the pieces gathered: written alone
+            with self._sink.target(placement, start, stop) as view:
+                yield view
+            return
+        run, offset = planned
+        if run.buffer is None:
+            run.buffer = _scratch(run.spot.writer, run.at, run.size)
+        try:
+            yield run.buffer[offset : offset + stop - start]
+        except BaseException:
+            run.buffer = None  # never written: the file is removed with the failed pull
+            raise
+        run.left -= 1
+        if run.left == 0:
+            with naming(run.spot.path):
+                run.spot.writer.write_at(run.buffer, run.at)
+            run.buffer = None
 
 
 def write_piece(sink: PieceTarget, placement: Placement, piece: PieceRef, shard: Shard, lookup: ShardLookup) -> int:
@@ -199,7 +283,15 @@ def write_piece(sink: PieceTarget, placement: Placement, piece: PieceRef, shard:
     return stop - start
 
 
-def read_pieces(source: ShardSource, placements: Sequence[Placement], sinks: Mapping[str, PieceTarget], *,
+def by_device(items: Sequence[tuple[Placement, PieceRef]]) -> dict[str, list[tuple[Placement, PieceRef]]]:
+    """A shard's pieces grouped by the sink they go to, each group in the order given."""
+    groups: dict[str, list[tuple[Placement, PieceRef]]] = {}
+    for placement, piece in items:
+        groups.setdefault(placement.device, []).append((placement, piece))
+    return groups
+
+
+def read_pieces(source: ShardSource, placements: Sequence[Placement], sinks: Mapping[str, Sink], *,
                 lookup: ShardLookup, threads: int, stats: PipelineStats,
                 progress: Callable[[int], None] | None = None) -> None:
     """Fetch the shards holding ``placements``' pieces and write every piece through its device's sink.
@@ -215,7 +307,11 @@ def read_pieces(source: ShardSource, placements: Sequence[Placement], sinks: Map
     def place_shard(item: tuple[str, ShardData]) -> int:
         shard_id, data = item
         shard = parse_shard(data, shard_id, verify_id=False)  # the source checked the id
-        return sum(write_piece(sinks[p.device], p, piece, shard, lookup) for p, piece in work[shard_id])
+        written = 0
+        for device, items in by_device(work[shard_id]).items():
+            target = sinks[device].gather(items)
+            written += sum(write_piece(target, p, piece, shard, lookup) for p, piece in items)
+        return written
 
     for written in ordered_map(place_shard, source.fetch_shards(work), threads):
         stats.shards += 1
