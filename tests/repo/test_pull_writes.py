@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 import shardstore
 import shardstore.repo.read_path as read_path
 from shardstore.direct_io import DirectWriter
+from shardstore.repo import pieces
 from shardstore.store import LocalStore
 
 REF = "small:v1"
@@ -105,9 +106,9 @@ def test_pull_writes_a_shard_s_adjoining_pieces_at_once(pushed: tuple[Path, Loca
     monkeypatch.setattr(read_path, "GATHER_BYTES", limit)
     expected = _expected_writes(original, store, limit)
     with shardstore.open(REF, store=store) as view:
-        pieces = sum(len(record.pieces) for record in view.manifest.tensors.values())
+        piece_count = sum(len(record.pieces) for record in view.manifest.tensors.values())
     # The premise: shards hold several small tensors, so gathering has something to gather.
-    assert len(expected) < pieces
+    assert len(expected) < piece_count
 
     shardstore.pull(REF, tmp_path / "out", store=store, threads=2)
 
@@ -120,7 +121,7 @@ def test_a_piece_that_fails_to_decode_leaves_no_file_behind(pushed: tuple[Path, 
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             writes: list[tuple[int, int]]) -> None:
     _original, store = pushed
-    decode = read_path.decode_piece
+    decode = pieces.decode_piece
     calls = 0
 
     def failing_third(*args: object, **kwargs: object) -> object:
@@ -130,7 +131,7 @@ def test_a_piece_that_fails_to_decode_leaves_no_file_behind(pushed: tuple[Path, 
             raise OSError(5, "Input/output error", "piece three")
         return decode(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(read_path, "decode_piece", failing_third)
+    monkeypatch.setattr("shardstore.repo.read_path.decode_piece", failing_third)
     with pytest.raises(OSError, match="piece three"):
         shardstore.pull(REF, tmp_path / "out", store=store, threads=1)
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
