@@ -188,7 +188,9 @@ class FileSink(Sink):
             spot.writer.write_at(view, spot.offset + start)
 
     def gather(self, pieces: Sequence[tuple[Placement, PieceRef]]) -> PieceTarget:
-        return _GatheredWrites(self, pieces)
+        if len({(p.name, p.span(piece)[0]) for p, piece in pieces}) < len(pieces):
+            return self  # a piece asked for twice: nothing to gather it by, so each goes alone
+        return _GatheredWrites(self._spots, pieces, self)
 
     def finish(self, stats: PipelineStats) -> None:
         pass
@@ -220,12 +222,13 @@ class _GatheredWrites:
     holds one run at a time. A piece that fails to decode leaves its run unwritten (the pull fails).
     """
 
-    def __init__(self, sink: FileSink, pieces: Sequence[tuple[Placement, PieceRef]]) -> None:
-        self._sink = sink
+    def __init__(self, spots: Mapping[str, FileSpot], pieces: Sequence[tuple[Placement, PieceRef]],
+                 alone: PieceTarget) -> None:
+        self._alone = alone  # where a piece not given here goes
         self._runs: dict[tuple[str, int], tuple[_Run, int]] = {}  # (tensor, start) -> its run, offset in it
         run: _Run | None = None
         for placement, piece in pieces:
-            spot = sink._spots[placement.name]
+            spot = spots[placement.name]
             start, stop = placement.span(piece)
             at = spot.offset + start
             joins = (run is not None and run.spot.writer is spot.writer and run.at + run.size == at
@@ -241,7 +244,7 @@ class _GatheredWrites:
     def target(self, placement: Placement, start: int, stop: int) -> Iterator[memoryview]:
         planned = self._runs.get((placement.name, start))
         if planned is None:  # not among the pieces gathered: written alone
-            with self._sink.target(placement, start, stop) as view:
+            with self._alone.target(placement, start, stop) as view:
                 yield view
             return
         run, offset = planned
