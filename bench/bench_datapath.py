@@ -248,7 +248,7 @@ class PlainStreamServer:
                 "Stream": grpc.unary_stream_rpc_method_handler(stream)})
             self._server = grpc.aio.server(options=[("grpc.max_send_message_length", 2 * MESSAGE)])
             self._server.add_generic_rpc_handlers((handler,))
-            port = self._server.add_insecure_port("127.0.0.1:0")
+            port: int = self._server.add_insecure_port("127.0.0.1:0")
             await self._server.start()
             return port
 
@@ -522,7 +522,7 @@ def grpc_rows(root: Path, store_path: Path, files: list[Path], mb: float, repeat
     print("| --- | ---: | ---: | ---: |")
     cache, out = root / "grpc-cache", root / "grpc-pulled"
     for label, rate in (("loopback", None), ("1 Gbit/s", 1 * GBIT), ("2.5 Gbit/s", 2.5 * GBIT)):
-        options = {"pace_bytes_per_s": rate} if rate else {}
+        options: dict[str, Any] = {"pace_bytes_per_s": rate} if rate else {}
         with BackgroundServer(LocalStore(store_path), **options) as server, PlainStreamServer(files, rate) as plain:
             def ours() -> None:
                 shardstore.pull(f"grpc://{server.address}/bench:v1", out, cache=cache, threads=threads)
