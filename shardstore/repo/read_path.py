@@ -162,8 +162,8 @@ class FileSink(Sink):
     """Pieces written into files at their final offsets (pull): no tensor is ever held whole.
 
     Each piece is decoded into a scratch buffer taken from the read-buffer pool (already
-    faulted in, reused from pull to pull), then written; memory holds one piece per piece
-    in flight whatever the model's size. The scratch is page-aligned and the piece placed in
+    faulted in, reused from pull to pull), then written; memory holds one piece (or one
+    gathered run, below) per worker whatever the model's size. The scratch is page-aligned and the piece placed in
     it at its file offset's place within a page, so the whole pages of a piece can be written
     straight to the disk, past the page cache (:mod:`shardstore.direct_io`).
 
