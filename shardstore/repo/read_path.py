@@ -126,6 +126,9 @@ class Sink(PieceTarget, Protocol):
     def gather(self, pieces: Sequence[tuple[Placement, PieceRef]]) -> PieceTarget:
         """Where the pieces of one shard go, given all of them first, in the order they will be placed.
 
+        Part of the protocol: a sink class that subclasses :class:`Sink` inherits this default, one
+        that only matches the protocol's shape must define it.
+
         A sink that can do better with a shard's pieces together than one by one (a file: one
         write for pieces that lie end to end) returns a target of its own; by default each piece
         goes straight through :meth:`target`.
@@ -242,8 +245,10 @@ class _GatheredWrites:
 
     @contextmanager
     def target(self, placement: Placement, start: int, stop: int) -> Iterator[memoryview]:
-        planned = self._runs.get((placement.name, start))
-        if planned is None:  # not among the pieces gathered: written alone
+        # Taken out of the plan as it is entered, so a piece entered again is written alone and
+        # cannot count twice toward its run (which would write the run with a piece still missing).
+        planned = self._runs.pop((placement.name, start), None)
+        if planned is None:  # not among the pieces gathered, or entered before: written alone
             with self._alone.target(placement, start, stop) as view:
                 yield view
             return

@@ -8,6 +8,7 @@ plain offset arithmetic, not the sink's own grouping.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -135,3 +136,28 @@ def test_a_piece_that_fails_to_decode_leaves_no_file_behind(pushed: tuple[Path, 
     with pytest.raises(OSError, match="piece three"):
         shardstore.pull(REF, tmp_path / "out", store=store, threads=1)
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_a_piece_entered_twice_is_written_alone_and_its_run_still_whole(tmp_path: Path) -> None:
+    """The gatherer's own guard: a run is written only once each of its pieces is in, whatever the caller does."""
+    from shardstore.format.manifest import PieceRef, TensorRecord
+    from shardstore.repo.read_path import FileSink, FileSpot, Placement
+
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, 12)
+        writer = DirectWriter(fd, path)
+        record = TensorRecord("U8", (3, 4), (), tuple(
+            PieceRef("0" * 64, f"s{i}", (i, i + 1), 4) for i in range(3)))
+        placement = Placement("t", record, "file")
+        sink = FileSink({"t": FileSpot(writer, 0, path)})
+        target = sink.gather([(placement, piece) for piece in record.pieces])
+        for index, fill in ((0, b"AAAA"), (0, b"AAAA"), (1, b"BBBB"), (2, b"CCCC")):
+            start, stop = placement.span(record.pieces[index])
+            with target.target(placement, start, stop) as view:
+                view[:] = fill
+        writer.close()
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"AAAABBBBCCCC"
