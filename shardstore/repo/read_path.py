@@ -191,8 +191,6 @@ class FileSink(Sink):
             spot.writer.write_at(view, spot.offset + start)
 
     def gather(self, pieces: Sequence[tuple[Placement, PieceRef]]) -> PieceTarget:
-        if len({(p.name, p.span(piece)[0]) for p, piece in pieces}) < len(pieces):
-            return self  # a piece asked for twice: nothing to gather it by, so each goes alone
         return _GatheredWrites(self._spots, pieces, self)
 
     def finish(self, stats: PipelineStats) -> None:
@@ -233,6 +231,8 @@ class _GatheredWrites:
         for placement, piece in pieces:
             spot = spots[placement.name]
             start, stop = placement.span(piece)
+            if (placement.name, start) in self._runs:
+                continue  # given twice (no pull does): planned once; entered again, it goes alone
             at = spot.offset + start
             joins = (run is not None and run.spot.writer is spot.writer and run.at + run.size == at
                      and run.size + (stop - start) <= GATHER_BYTES)
@@ -247,6 +247,7 @@ class _GatheredWrites:
     def target(self, placement: Placement, start: int, stop: int) -> Iterator[memoryview]:
         # Taken out of the plan as it is entered, so a piece entered again is written alone and
         # cannot count twice toward its run (which would write the run with a piece still missing).
+        # A piece given twice is planned once, so every run still counts each of its pieces once.
         planned = self._runs.pop((placement.name, start), None)
         if planned is None:  # not among the pieces gathered, or entered before: written alone
             with self._alone.target(placement, start, stop) as view:

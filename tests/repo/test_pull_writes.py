@@ -138,8 +138,10 @@ def test_a_piece_that_fails_to_decode_leaves_no_file_behind(pushed: tuple[Path, 
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
 
 
-def test_a_piece_entered_twice_is_written_alone_and_its_run_still_whole(tmp_path: Path) -> None:
-    """The gatherer's own guard: a run is written only once each of its pieces is in, whatever the caller does."""
+@pytest.mark.parametrize("given_twice", [False, True])
+def test_a_piece_entered_twice_is_written_alone_and_its_run_still_whole(tmp_path: Path, given_twice: bool) -> None:
+    """The gatherer's own guard: a run is written only once each of its pieces is in, whatever the
+    caller does (enters a piece twice, or also names it twice when it asks to gather)."""
     from shardstore.format.manifest import PieceRef, TensorRecord
     from shardstore.repo.read_path import FileSink, FileSpot, Placement
 
@@ -152,8 +154,10 @@ def test_a_piece_entered_twice_is_written_alone_and_its_run_still_whole(tmp_path
             PieceRef("0" * 64, f"s{i}", (i, i + 1), 4) for i in range(3)))
         placement = Placement("t", record, "file")
         sink = FileSink({"t": FileSpot(writer, 0, path)})
-        target = sink.gather([(placement, piece) for piece in record.pieces])
-        for index, fill in ((0, b"AAAA"), (0, b"AAAA"), (1, b"BBBB"), (2, b"CCCC")):
+        order = (0, 1, 0, 2) if given_twice else (0, 1, 2)
+        target = sink.gather([(placement, record.pieces[i]) for i in order])
+        entered = (0, 1, 0, 2) if given_twice else (0, 0, 1, 2)
+        for index, fill in ((i, b"ABC"[i : i + 1] * 4) for i in entered):
             start, stop = placement.span(record.pieces[index])
             with target.target(placement, start, stop) as view:
                 view[:] = fill
