@@ -20,6 +20,10 @@ row runs ``--repeats`` times, interleaved with the others, and its best time is 
   plain grpcio byte stream of the raw files (1 MiB messages, no checks, no cache, into
   memory), on loopback and paced to 1 and 2.5 Gbit/s.
 
+Each local row also shows the CPU its best run spent (user + system, this process and the
+``zstd`` children): on two cores, the rows that return fresh memory all pay the same page faults
+in system time, so the CPU column shows what each does besides.
+
 Then, once each, in child processes: the peak anonymous memory of ``pull`` and gRPC ``pull``,
 and the peak RSS of ``shardstore load`` (a state dict) over its baseline.
 """
@@ -33,6 +37,7 @@ import gc
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -289,14 +294,27 @@ class PlainStreamServer:
 
 # -- measuring --------------------------------------------------------------------------------------------
 
+def _cpu_seconds() -> tuple[float, float]:
+    """User and system CPU seconds of this process and the children it waited for (``zstd``).
+
+    ``getrusage``, not ``os.times``: the latter counts in 10 ms ticks, longer than a MiniLM load.
+    """
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + children.ru_utime, own.ru_stime + children.ru_stime
+
+
 def interleaved(rows: dict[str, Callable[[], None]], repeats: int,
-                prepare: dict[str, Callable[[], None]] | None = None) -> dict[str, float]:
+                prepare: dict[str, Callable[[], None]] | None = None,
+                cpu: dict[str, tuple[float, float]] | None = None) -> dict[str, float]:
     """Each row's best of ``repeats``, the rows taking turns in a new shuffled order every round.
 
     Shuffled because on this VM a row pays for what the row before it left behind (memory freed to
     the host, huge pages split): in a fixed order the same row would always follow the same one.
     ``prepare[name]`` runs before each run of that row, untimed: removing the last run's output is
-    not part of what a user waits for.
+    not part of what a user waits for. ``cpu``, when given, receives the CPU seconds (user, system;
+    this process and the children it waited for) that each row's best run spent: with every row
+    on the same cores, a row can only be faster than another if it spends less CPU or leaves
+    fewer cores idle.
     """
     best = dict.fromkeys(rows, float("inf"))
     order = list(rows.items())
@@ -307,9 +325,15 @@ def interleaved(rows: dict[str, Callable[[], None]], repeats: int,
             if prepare and name in prepare:
                 prepare[name]()
             gc.collect()
+            before = _cpu_seconds()
             started = time.perf_counter()
             run()
-            best[name] = min(best[name], time.perf_counter() - started)
+            took = time.perf_counter() - started
+            after = _cpu_seconds()
+            if took < best[name]:
+                best[name] = took
+                if cpu is not None:
+                    cpu[name] = (after[0] - before[0], after[1] - before[1])
     return best
 
 
@@ -471,15 +495,18 @@ def run(args: argparse.Namespace, root: Path, threads: int) -> int:
     prepare = {"pull to folder": fresh(root / "pulled"), "zstd -d -T2": fresh(root / "unzstd"),
                "zstd -d -T2, fsync": fresh(root / "unzstd"),
                "pull, a quarter of the files": fresh(root / "pulled-quarter")}
-    best = interleaved(rows, args.repeats, prepare)
+    cpu: dict[str, tuple[float, float]] = {}
+    best = interleaved(rows, args.repeats, prepare, cpu)
     for spare in ("pulled", "unzstd", "pulled-quarter"):
         shutil.rmtree(root / spare, ignore_errors=True)
 
-    print("| path | time | speed | ratio |")
-    print("| --- | ---: | ---: | --- |")
+    print("| path | time | speed | CPU of that run: user + system | ratio |")
+    print("| --- | ---: | ---: | ---: | --- |")
 
     def row(name: str, ratio: str = "") -> None:
-        print(f"| {name} | {best[name]:.3f} s | {mb / best[name] / 1e3:.2f} GB/s | {ratio} |")
+        user, system = cpu[name]
+        print(f"| {name} | {best[name]:.3f} s | {mb / best[name] / 1e3:.2f} GB/s | "
+              f"{user:.2f} + {system:.2f} s ({(user + system) / best[name]:.2f} cores) | {ratio} |")
 
     row("decode-only")
     if "zipnn" in best:
@@ -503,7 +530,7 @@ def run(args: argparse.Namespace, root: Path, threads: int) -> int:
         size_ratio = files_bytes / quarter_bytes
         time_ratio = pulled / best["pull, a quarter of the files"]
         print(f"| pull, a quarter of the files | {best['pull, a quarter of the files']:.3f} s | "
-              f"{quarter_bytes / best['pull, a quarter of the files'] / 1e9:.2f} GB/s | growth: "
+              f"{quarter_bytes / best['pull, a quarter of the files'] / 1e9:.2f} GB/s | | growth: "
               f"{size_ratio:.2f} x the bytes took {time_ratio:.2f} x the time (linear: "
               f"{time_ratio / size_ratio:.2f}) |")
 
