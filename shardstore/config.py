@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from shardstore.errors import InvalidInputError
+from shardstore.textfile import read_user_text
 
 ENV_PREFIX = "SHARDSTORE_"
 CONFIG_FLAG = "--config"
@@ -177,10 +178,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] | None = None) 
 
 def load_config_file(path: Path, table: ConfigurableCommand) -> dict[str, Any]:
     """The file's keys, checked against the settings table: unknown keys are errors."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidInputError(f"config file {path}: {exc.strerror or exc}") from None
+    text = read_user_text(path, "config file")
     suffix = path.suffix.lower()
     data: Any
     if suffix == ".toml":

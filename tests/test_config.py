@@ -136,7 +136,7 @@ def test_cli_prints_one_line_and_exits_1(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "shardstore serve: error: $SHARDSTORE_SERVE_PORT: invalid literal for int() with base 10: 'fifty'"]
+        "shardstore serve: error: $SHARDSTORE_SERVE_PORT: not a port number: 'fifty'"]
     assert not (tmp_path / "s").exists()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,39 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc).removeprefix("size: ")) from None
 
 
+def parse_port(text: str) -> int:
+    """A TCP port for argparse, 0 (pick a free one) to 65535: beyond that, bind() would raise, not argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {value}")
+    return value
+
+
+def parse_seconds(text: str) -> float:
+    """A duration for argparse, 0 or more. NaN and infinity are refused: every comparison with NaN is false,
+    so ``--grace nan`` would let gc delete what any grace keeps, and neither is valid in ``--json`` output."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number of seconds: {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
+
+
+def parse_timeout(text: str) -> float:
+    """A wait for argparse: more than 0 seconds (a deadline of 0 would fail every call as if the server were silent)."""
+    value = parse_seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
 def emit(args: argparse.Namespace, figures: dict[str, Any], human: Callable[[], str]) -> None:
     if args.json:
         print(json.dumps(figures, sort_keys=True))
@@ -97,7 +131,7 @@ def add_client_options(parser: argparse.ArgumentParser, default_timeout: float =
                         help="connect with TLS, trusting this PEM CA (grpcs:// alone trusts the system's roots)")
     parser.add_argument("--tls-cert", metavar="FILE", default=None, help="mutual TLS: this PEM client certificate")
     parser.add_argument("--tls-key", metavar="FILE", default=None, help="mutual TLS: the PEM key of --tls-cert")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--timeout", type=parse_timeout, default=None, metavar="SECONDS",
                         help="give up on a server that sends no answer or no stream data for this long "
                              f"(default {default_timeout:g})")
     parser.add_argument("--mirror", metavar="URL", default=None,

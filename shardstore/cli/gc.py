@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from shardstore.cli.common import Commands, add_common_options, emit, human_bytes
+from shardstore.cli.common import Commands, add_common_options, emit, human_bytes, parse_seconds
 
 
 def cmd_gc(args: argparse.Namespace) -> None:
@@ -36,22 +36,12 @@ def cmd_gc(args: argparse.Namespace) -> None:
     emit(args, report.to_json(), human)
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
-    return value
-
-
 def register(commands: Commands) -> None:
     from shardstore.repo.gc import DEFAULT_GRACE_S
 
     p = commands.add_parser("gc", help="delete the objects no ref reaches (never those of pushes in flight)")
     p.add_argument("--dry-run", action="store_true", help="report what would be deleted, delete nothing")
-    p.add_argument("--grace", type=_seconds, default=DEFAULT_GRACE_S, metavar="SECONDS",
+    p.add_argument("--grace", type=parse_seconds, default=DEFAULT_GRACE_S, metavar="SECONDS",
                    help=f"keep unreachable objects younger than this (default {DEFAULT_GRACE_S:g})")
     add_common_options(p)
     p.set_defaults(func=cmd_gc)

@@ -44,12 +44,13 @@ def check_health(address: str, service: str = "", timeout: float = DEFAULT_TIMEO
 
 
 def cmd_health(args: argparse.Namespace) -> None:
-    from shardstore.rpc import is_tls_url
+    from shardstore.rpc import is_address, is_tls_url
 
     text = args.address or default_address()
     address = text.removeprefix("grpcs://").removeprefix("grpc://").rstrip("/")
-    if not address or "/" in address or "://" in address:
-        raise InvalidInputError(f"expected HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT, not {args.address!r}")
+    if not is_address(address):
+        raise InvalidInputError(f"expected HOST:PORT (a port of 1 to 65535), grpc://HOST:PORT or grpcs://HOST:PORT, "
+                                f"not {text!r}")
     # The health service is open (docs/security.md): --token is accepted like on every client command but not
     # sent, since a secret the call does not need would only travel further.
     tls = client_options(args)["tls"]

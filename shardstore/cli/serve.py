@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from shardstore.cli.common import Commands, add_common_options, parse_size
+from shardstore.cli.common import Commands, add_common_options, parse_port, parse_seconds, parse_size
 from shardstore.config import make_configurable
 
 
@@ -103,15 +103,17 @@ def access_options(args: argparse.Namespace) -> dict[str, Any]:
 def register(commands: Commands) -> None:
     p = commands.add_parser("serve", help="serve a store over gRPC")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one (default 50051)")
+    p.add_argument("--port", type=parse_port, default=50051,
+                   help="port to listen on; 0 picks a free one (default 50051)")
     p.add_argument("--cache-size", type=parse_size, default=256 << 20, metavar="SIZE",
                    help="in-memory cache of hot shards (default 256MiB)")
     p.add_argument("--max-rate", type=parse_size, default=None, metavar="BYTES_PER_S",
                    help="pace all sends to this rate, e.g. 125MB for a 1 Gbit/s link (benchmarks)")
-    p.add_argument("--grace", type=float, default=10.0, help="seconds calls in flight get on shutdown (default 10)")
-    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+    p.add_argument("--grace", type=parse_seconds, default=10.0,
+                   help="seconds calls in flight get on shutdown (default 10)")
+    p.add_argument("--metrics-port", type=parse_port, default=None, metavar="PORT",
                    help="serve Prometheus metrics on http://HOST:PORT/metrics; 0 picks a free port (default: off)")
-    p.add_argument("--http-port", type=int, default=None, metavar="PORT",
+    p.add_argument("--http-port", type=parse_port, default=None, metavar="PORT",
                    help="also serve HTTP GETs of shards and blobs and the web view on HOST:PORT; 0 picks a free port "
                         "(default: off)")
     p.add_argument("--max-calls", type=int, default=256, metavar="N",

@@ -43,8 +43,13 @@ def cmd_tag(args: argparse.Namespace) -> None:
 
 def cmd_rm(args: argparse.Namespace) -> None:
     registry, refs, where = _open(args, *args.refs)
+    refs = list(dict.fromkeys(refs))  # a ref named twice is removed once
     removed: list[dict[str, str]] = []
     with registry:
+        # Every ref is looked up before any is removed: a mistyped one stops the command with
+        # nothing removed, rather than after the refs before it are gone and unreported.
+        for ref in refs:
+            registry.resolve(ref, with_manifest=False)
         for ref in refs:
             removed.append({"ref": str(ref), "manifest_id": registry.delete_ref(ref)})
 

@@ -8,6 +8,7 @@ from shardstore.cli.common import EXIT_ERROR, Commands, add_common_options, emit
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
+    from shardstore.cli.progress import ProgressBars
     from shardstore.repo.repository import Repository
     from shardstore.repo.verify import verify
     from shardstore.store import open_store
@@ -16,7 +17,9 @@ def cmd_verify(args: argparse.Namespace) -> None:
     repo = Repository(open_store(args.store))
     # The client's shard cache is checked when named, and always by --repair (the default one).
     cache = ShardCache(args.cache) if args.cache is not None or args.repair else None
-    report = verify(repo, read_data=args.read_data, repair=args.repair, cache=cache)
+    with ProgressBars() as bars:
+        report = verify(repo, read_data=args.read_data, repair=args.repair, cache=cache,
+                        progress=bars if args.progress else None)
 
     def human() -> str:
         depth = "every byte read and decoded" if args.read_data else "structure and sizes"

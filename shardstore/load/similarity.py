@@ -23,6 +23,7 @@ import torch
 from shardstore.errors import InvalidInputError
 from shardstore.load.tensors import as_tensor
 from shardstore.repo.model_files import MappedFiles, scan_model
+from shardstore.textfile import read_user_text
 
 SENTENCES_FILE = Path(__file__).with_name("eval_sentences.txt")
 
@@ -39,10 +40,7 @@ def default_model_dir() -> Path:
 def load_sentences(path: str | os.PathLike[str] | None = None) -> list[str]:
     """One sentence per non-empty line."""
     source = Path(path) if path is not None else SENTENCES_FILE
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise InvalidInputError(f"{source}: {exc.strerror or exc}") from None
+    lines = read_user_text(source).splitlines()
     sentences = [line.strip() for line in lines if line.strip()]
     if not sentences:
         raise InvalidInputError(f"{source}: no sentences")
@@ -92,7 +90,11 @@ class EmbeddingEval:
         folder = Path(model_dir) if model_dir is not None else default_model_dir()
         if not (folder / "config.json").is_file():
             raise InvalidInputError(f"{folder}: not a sentence-transformers model folder (no config.json)")
-        self.model = SentenceTransformer(str(folder), device="cpu")
+        try:
+            self.model = SentenceTransformer(str(folder), device="cpu")
+        except (OSError, ValueError, KeyError) as exc:  # transformers' own words for a folder it cannot load
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            raise InvalidInputError(f"{folder}: not a sentence model that loads offline: {message}") from None
         self.sentences = sentences if sentences is not None else load_sentences()
         self._network = cast(torch.nn.Module, self.model[0].auto_model)
         self._original = {k: v.detach().clone() for k, v in self._network.state_dict().items()}

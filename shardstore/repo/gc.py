@@ -17,12 +17,13 @@ missing or corrupt reachable manifest stops it before anything is deleted.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shardstore.errors import IntegrityError, NotFoundError, ShardstoreError
+from shardstore.errors import IntegrityError, InvalidInputError, NotFoundError, ShardstoreError
 from shardstore.format.digest import is_object_id
 from shardstore.format.manifest import Manifest
 from shardstore.progress import ProgressCallback, progress_task
@@ -158,6 +159,8 @@ class GcReport:
 def collect(repo: Repository, *, grace: float = DEFAULT_GRACE_S, dry_run: bool = False,
             progress: ProgressCallback | None = None) -> GcReport:
     """Delete every object no ref reaches that is older than ``grace`` seconds; see the module doc."""
+    if not math.isfinite(grace) or grace < 0:  # NaN compares false with every age: nothing would count as young
+        raise InvalidInputError(f"gc: the grace period must be 0 or more seconds, not {grace!r}")
     started = time.perf_counter()
     store = repo.store
     # gc deletes: a store whose format (or write features) this program does not know is left alone.

@@ -50,6 +50,7 @@ from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.chunking import PiecePlan, TensorSpec
 from shardstore.repo.pool import default_threads, ordered_map
 from shardstore.repo.quality import EncodedStream, ErrorStats, PieceOriginal, measure_piece
+from shardstore.textfile import read_user_text
 
 AUTO = "auto"
 DEFAULT_KEEP_LOSSLESS = ("*norm*", "*Norm*", "*.bias")
@@ -379,10 +380,7 @@ def piece_info(piece: PiecePlan) -> PieceInfo:
 def load_policy_file(path: str | Path) -> dict[str, Any]:
     """A policy file's settings (JSON, or YAML for ``.yaml`` / ``.yml``), checked for unknown keys."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidInputError(f"policy file {path}: {exc.strerror or exc}") from None
+    text = read_user_text(path, "policy file")
     data: Any
     try:
         if path.suffix.lower() in (".yaml", ".yml"):

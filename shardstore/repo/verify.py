@@ -19,6 +19,7 @@ Healthy unreferenced objects are left to ``gc``, which knows about pushes in fli
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from shardstore.errors import IntegrityError, NotFoundError, ShardstoreError
 from shardstore.format.digest import digest, is_object_id
 from shardstore.format.manifest import Manifest
 from shardstore.format.shard import parse_shard
+from shardstore.progress import ProgressCallback, progress_task
 from shardstore.repo.gc import KINDS, manifest_references, object_id_of
 from shardstore.repo.pieces import decode_stream
 from shardstore.repo.pool import ordered_map
@@ -70,7 +72,8 @@ class _Outcome:
 
 
 def verify(repo: Repository, *, read_data: bool = False, repair: bool = False,
-           cache: ShardCache | None = None) -> VerifyReport:
+           cache: ShardCache | None = None, progress: ProgressCallback | None = None) -> VerifyReport:
+    """Check the store (see the module doc); ``progress`` hears of the referenced shards and blobs, in bytes."""
     started = time.perf_counter()
     config = repo.check_readable()  # a store that does not exist is an error, not "healthy"
     if repair:  # a repair writes, so it needs to know the store's write features too
@@ -129,8 +132,11 @@ def verify(repo: Repository, *, read_data: bool = False, repair: bool = False,
             return _Outcome(problems=[f"{key}: {exc}"])
 
     threads = max(2, repo.concurrency)
-    _collect(report, ordered_map(check_shard, sorted(shards.items()), threads))
-    _collect(report, ordered_map(check_blob, sorted(blobs.items()), threads))
+    # Sizes a legacy manifest does not give count as 0: the bar then ends a little early, never late.
+    total = sum(size or 0 for size in shards.values()) + sum(size or 0 for size in blobs.values())
+    checked = progress_task(progress, "verify: reading and decoding" if read_data else "verify: sizes", total)
+    for check, objects in ((check_shard, sorted(shards.items())), (check_blob, sorted(blobs.items()))):
+        _collect(report, ordered_map(check, objects, threads), [size for _id, size in objects], checked)
     if read_data or repair:
         referenced = {"manifests": set(manifests) | referenced_manifests, "shards": set(shards), "blobs": set(blobs)}
         _check_unreferenced(repo, report, referenced, repair, threads)
@@ -140,8 +146,12 @@ def verify(repo: Repository, *, read_data: bool = False, repair: bool = False,
     return report
 
 
-def _collect(report: VerifyReport, outcomes: Any) -> None:
-    for outcome in outcomes:
+def _collect(report: VerifyReport, outcomes: Any, sizes: list[int | None] | None = None,
+             checked: Callable[[int], None] | None = None) -> None:
+    """Add each outcome to the report, and its object's size (``sizes``, in order) to ``checked``."""
+    for index, outcome in enumerate(outcomes):
+        if sizes is not None and checked is not None and sizes[index]:  # a bar is done at its total: no empty steps
+            checked(sizes[index] or 0)
         report.bytes_read += outcome.read
         report.problems.extend(outcome.problems)
         report.repaired.extend(outcome.repaired)

@@ -30,7 +30,12 @@ def split_grpc_url(text: str) -> tuple[str, str | None]:
         raise InvalidInputError(f"not a grpc URL: {text!r} (expected grpc[s]://HOST:PORT/NAME:TAG)")
     rest = text.partition("://")[2]
     address, _sep, ref = rest.partition("/")
-    host, colon, port = address.rpartition(":")
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not is_address(address):
         raise InvalidInputError(f"bad grpc URL {text!r}: the address must be HOST:PORT")
     return address, ref or None
+
+
+def is_address(address: str) -> bool:
+    """``HOST:PORT`` with a port of 1 to 65535 (gRPC itself would wrap 65536 and above round to a real port)."""
+    host, colon, port = address.rpartition(":")
+    return bool(colon and host and port.isdigit() and 0 < int(port) < 65536)

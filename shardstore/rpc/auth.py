@@ -25,6 +25,7 @@ from pathlib import Path
 
 from shardstore.errors import InvalidInputError, ShardstoreError
 from shardstore.rpc.wire import AUTHORIZATION_KEY, BEARER
+from shardstore.textfile import read_user_text
 
 TOKENS_ENV = "SHARDSTORE_TOKENS"
 # Tokens are opaque; this charset keeps them safe in an env var, a file, an HTTP/2 header.
@@ -145,12 +146,7 @@ def load_token_table(tokens_file: str | os.PathLike[str] | None = None,
     entries: list[tuple[str, Grant]] = []
     if tokens_file is not None:
         path = Path(tokens_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidInputError(f"tokens file {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise InvalidInputError(f"tokens file {path}: not UTF-8 text") from None
+        text = read_user_text(path, "tokens file")
         entries += parse_entries(text, f"tokens file {path}")
     if env.get(TOKENS_ENV, "").strip():
         entries += parse_entries(env[TOKENS_ENV], f"${TOKENS_ENV}", separator=",")

@@ -25,7 +25,7 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
-from shardstore.errors import NotFoundError, StoreError
+from shardstore.errors import InvalidInputError, NotFoundError, StoreError
 from shardstore.store.base import StoreCapabilities
 from shardstore.store.fsspec_store import FsspecStore, modified_time
 
@@ -99,6 +99,12 @@ class S3Store(FsspecStore):
             except Exception as exc:
                 if _unreachable(exc):
                     raise self._no_contact(exc) from None
+                if isinstance(exc, TypeError | ValueError):
+                    # An unknown storage option (-o endpoint=...), a malformed endpoint URL: raised while
+                    # the client is made, before any request, and every later request would raise it again.
+                    reason = " ".join(str(exc).split()) or type(exc).__name__
+                    raise InvalidInputError(f"{self.url}: bad S3 settings (the -o storage options or the AWS_* "
+                                            f"environment): {reason}") from None
             self._contacted = True
 
     def _no_contact(self, exc: BaseException) -> StoreError:
@@ -175,7 +181,17 @@ class S3Store(FsspecStore):
         return self.stored_size(key) is not None
 
     def root_exists(self) -> bool:
-        return self._bucket_exists()
+        """Whether the bucket exists; an endpoint that cannot be reached or refuses us is an error, not "missing"."""
+        self._contact()  # no endpoint, no credentials, bad settings: each its own one-line error
+        try:
+            self.fs.call_s3("head_bucket", Bucket=self.bucket)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if _error_code(exc) == "NoSuchBucket":
+                return False
+            raise self._fail(self.bucket, "look up the bucket in", exc) from None
+        return True
 
     def stored_size(self, key: str) -> int | None:
         try:
