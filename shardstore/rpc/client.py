@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import queue
 import random
@@ -201,9 +202,17 @@ class GrpcClient:
                 raise InvalidInputError(f"${RESUME_TIMEOUT_ENV}: expected seconds, not {configured!r}") from None
         self.resume_timeout = resume_timeout
         self.prefetch_shards = max(1, prefetch_shards)
+        if idle_timeout is not None and not (math.isfinite(idle_timeout) and idle_timeout > 0):
+            raise InvalidInputError(f"the timeout must be more than 0 seconds, not {idle_timeout!r}")
         self.idle_timeout = idle_timeout
         self.tls = tls
         token = token if token is not None else os.environ.get(CLIENT_TOKEN_ENV) or None
+        if token is not None:
+            token = token.strip() or None  # a token file saved with a newline or CRLF at its end
+        if token is not None and not all("!" <= ch <= "~" for ch in token):
+            # grpc would refuse the header only at the first call, with lines from its C core.
+            raise InvalidInputError("the token (--token or $SHARDSTORE_TOKEN) has a character an HTTP header cannot "
+                                    "carry: a token is printable ASCII without spaces")
         if token is not None and tls is None and not _is_loopback(address) \
                 and os.environ.get(ALLOW_PLAINTEXT_TOKEN_ENV) != "1":
             raise InvalidInputError(f"refusing to send a token in plaintext to {address}: use grpcs:// or --tls-ca "

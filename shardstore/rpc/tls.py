@@ -31,6 +31,24 @@ def read_pem(path: PathLike, what: str) -> bytes:
     return data
 
 
+def check_key_pair(cert: PathLike, key: PathLike) -> None:
+    """Refuse a certificate and key that do not belong together, naming both files.
+
+    grpc finds out only when it binds, logs "Invalid private key" from its C core and reports the
+    port as unusable; OpenSSL says what is wrong at once. The password callback refuses encrypted
+    keys instead of prompting on the terminal: grpc cannot use them either.
+    """
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(os.fspath(cert), os.fspath(key), password=lambda: b"")
+    except ssl.SSLError as exc:
+        reason = exc.reason or "a file is not the PEM certificate or key its flag takes"
+        raise InvalidInputError(f"TLS certificate {cert} and key {key} are not a pair ({reason}): give the PEM "
+                                "certificate to --tls-cert and its own unencrypted private key to --tls-key") from None
+
+
 @dataclass(frozen=True)
 class ServerTls:
     cert: PathLike
@@ -39,6 +57,7 @@ class ServerTls:
 
     def credentials(self) -> grpc.ServerCredentials:
         pair = (read_pem(self.key, "TLS key"), read_pem(self.cert, "TLS certificate"))
+        check_key_pair(self.cert, self.key)
         client_ca = read_pem(self.client_ca, "TLS client CA") if self.client_ca is not None else None
         return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
                                            require_client_auth=client_ca is not None)
@@ -56,6 +75,10 @@ class ClientTls:
                                     "(--tls-cert and --tls-key go together)")
 
     def credentials(self) -> grpc.ChannelCredentials:
+        if self.cert is not None and self.key is not None:
+            read_pem(self.key, "TLS key")
+            read_pem(self.cert, "TLS certificate")
+            check_key_pair(self.cert, self.key)
         return grpc.ssl_channel_credentials(
             root_certificates=read_pem(self.ca, "TLS CA") if self.ca is not None else None,
             private_key=read_pem(self.key, "TLS key") if self.key is not None else None,

@@ -248,6 +248,16 @@ def test_client_refuses_to_send_a_token_in_plaintext_off_loopback(monkeypatch: p
     GrpcClient("registry.example:50051").close()  # only builds a channel; nothing is sent
 
 
+def test_a_token_with_a_control_character_is_refused_before_any_call(guarded: BackgroundServer) -> None:
+    # grpc would only fail at the first call, with lines from its C core: the client says it at once.
+    for bad in (f"{READ_TOKEN}\x01", f"tok en{READ_TOKEN}", f"{READ_TOKEN}\u00e9"):
+        with pytest.raises(InvalidInputError, match="printable ASCII without spaces"):
+            GrpcClient(guarded.address, token=bad)
+    # A token file saved with CRLF line ends: the line end is not part of the token.
+    with GrpcClient(guarded.address, token=f"{READ_TOKEN}\r\n", use_cache=False) as client:
+        assert sorted(str(ref) for ref, _manifest in client.list_refs()) == ["small:v1", "team/small:v1"]
+
+
 # -- the real command, in processes ----------------------------------------------------------------------------
 
 

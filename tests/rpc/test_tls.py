@@ -93,6 +93,22 @@ def test_bad_tls_files_are_one_line_errors(certs: Certs, tmp_path: Path) -> None
         ClientTls(ca="/nonexistent/ca.pem").credentials()
 
 
+def test_a_certificate_and_a_key_that_are_not_a_pair_are_one_line_errors(small: tuple[LocalStore, Path],
+                                                                          certs: Certs) -> None:
+    # grpc would log "Invalid private key" from its C core and then call the port unusable.
+    for cert, key in (("server.pem", "client.key"), ("server.key", "server.key"), ("server.pem", "server.pem")):
+        with pytest.raises(InvalidInputError) as caught:
+            ServerTls(certs(cert), certs(key)).credentials()
+        assert f"TLS certificate {certs(cert)} and key {certs(key)} are not a pair" in str(caught.value)
+    with pytest.raises(InvalidInputError, match="are not a pair"):
+        ClientTls(ca=certs("ca.pem"), cert=certs("client.pem"), key=certs("server.key")).credentials()
+    result = cli("serve", "--store", str(small[0].root), "--port", "0", "--tls-cert", certs("server.pem"),
+                 "--tls-key", certs("client.key"), env=env_with())
+    line = one_line_error(result, "serve")
+    assert "are not a pair (KEY_VALUES_MISMATCH)" in line and "in use" not in line, line
+    assert "Invalid private key" not in result.stderr
+
+
 def test_serve_with_a_missing_key_file_fails_naming_it(small: tuple[LocalStore, Path], certs: Certs) -> None:
     result = cli("serve", "--store", str(small[0].root), "--port", "0", "--tls-cert", certs("server.pem"),
                  "--tls-key", "/nonexistent/server.key", env=env_with())
