@@ -51,11 +51,13 @@ def folder_state_dict(folder: str | os.PathLike[str]) -> dict[str, torch.Tensor]
     """Every tensor of a model folder's (or file's) safetensors, copied out of the mapped files."""
     model = scan_model(folder)
     tensors: dict[str, torch.Tensor] = {}
-    with MappedFiles(model) as views:
+    mapped = MappedFiles(model)
+    with mapped as views:
         for tensor_file in model.tensor_files:
             for entry in tensor_file.header.tensors:
                 flat = np.frombuffer(views[entry.name], dtype=np.uint8).copy()
                 tensors[entry.name] = as_tensor(flat, entry.dtype).reshape(entry.shape)
+        mapped.check_unchanged()
     return tensors
 
 

@@ -26,6 +26,11 @@ from shardstore.errors import InvalidInputError
 from shardstore.format import canonical_json
 from shardstore.format.safetensors_io import SafetensorsHeader, read_file_header
 
+try:
+    from shardstore.repo import _mapguard  # type: ignore[attr-defined]
+except ImportError:  # built without its C extension (no compiler, not POSIX): unguarded, as before
+    _mapguard = None
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 PICKLE_INDEX_SUFFIX = ".bin.index.json"  # pytorch_model.bin.index.json: maps tensors to the pickle files
 SKIPPED_FOLDERS = {".git", ".cache", "__pycache__"}
@@ -133,26 +138,39 @@ def _check_index(path: Path, rel: str, owner: dict[str, str], root: Path) -> Non
             raise InvalidInputError(f"{path}: maps tensor {name!r} to {file_name}, which does not hold it")
 
 
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file is rewritten, truncated or replaced: inode, size and both times."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
 class MappedFiles:
     """Memory-maps tensor files read-only and hands out one view per tensor.
 
     Views must be released before their map can close; any still exported
     (a slice a caller kept) leave the map to the garbage collector instead.
+
+    A file another program rewrites while it is mapped: reads past a new, shorter end would raise
+    SIGBUS and kill the process. ``_mapguard`` (a C extension; without it, that is what happens)
+    turns such reads into zeros and counts them, and :meth:`check_unchanged` then refuses the
+    whole read in one line naming the file. Callers check before they record anything.
     """
 
     def __init__(self, model: ModelFiles) -> None:
         self._model = model
         self._maps: list[mmap.mmap] = []
         self._views: list[memoryview] = []
+        self._watched: list[tuple[Path, int, tuple[int, int, int, int, int]]] = []  # path, guard slot, identity
 
     def __enter__(self) -> dict[str, memoryview]:
         views: dict[str, memoryview] = {}
         for tensor_file in self._model.tensor_files:
             with tensor_file.path.open("rb") as handle:
-                if os.fstat(handle.fileno()).st_size == 0:
+                identity = _identity(os.fstat(handle.fileno()))
+                if identity[2] == 0:
                     continue
                 mm = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             self._maps.append(mm)
+            self._watched.append((tensor_file.path, _mapguard.watch(mm) if _mapguard else -1, identity))
             whole = memoryview(mm)
             self._views.append(whole)
             base = tensor_file.header.data_offset
@@ -161,7 +179,24 @@ class MappedFiles:
                 self._views.append(views[entry.name])
         return views
 
+    def check_unchanged(self) -> None:
+        """Raise, naming the file, if any mapped file changed since it was mapped (so what was read may be wrong)."""
+        for path, slot, identity in self._watched:
+            zeroed = _mapguard.faults(slot) if _mapguard else 0
+            try:
+                now = _identity(os.stat(path))
+            except OSError:
+                now = None
+            if zeroed or now != identity:
+                what = f"it shrank under {zeroed} pages read" if zeroed else "its size or times changed"
+                raise InvalidInputError(f"{path}: changed while it was being read ({what}); nothing was recorded: "
+                                        "push it again once whatever writes it is done")
+
     def __exit__(self, *exc: object) -> None:
+        for _path, slot, _identity in self._watched:
+            if _mapguard:
+                _mapguard.unwatch(slot)
+        self._watched.clear()
         for view in self._views:
             view.release()
         self._views.clear()

@@ -218,7 +218,8 @@ def push_model(
 
     # Push already runs one thread per core; BLAS's own threads (the error figures' dot products)
     # would only spin beside them, and make those figures depend on the BLAS thread count.
-    with MappedFiles(model) as views, threadpool_limits(1, user_api="blas"):
+    mapped = MappedFiles(model)
+    with mapped as views, threadpool_limits(1, user_api="blas"):
         prepared: Prepared = {}  # streams --lossy auto encoded while measuring: stored as they are
         chosen = policy.resolve(plans, views, threads=threads, progress=progress, prepared=prepared)
         # Tensors with many exact zeros (pruned, 2:4 sparse) go to the sparse coder.
@@ -269,6 +270,8 @@ def push_model(
             for name, error in shard.errors:
                 errors[name] = errors.get(name, ErrorStats()) + error
             advance(shard.raw_bytes)
+        # Before any index entry, manifest or ref: an input rewritten under the push was read wrong.
+        mapped.check_unchanged()
 
     if new_entries:  # after their shards, so an entry never names a shard not yet written
         target.put_index(new_entries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,3 +53,63 @@ def test_symlinks_to_files_are_followed_like_a_hugging_face_cache_folder(tmp_pat
     for name in ("model.safetensors", "config.json"):
         assert (tmp_path / "out" / name).read_bytes() == (real / name).read_bytes()
         assert not (tmp_path / "out" / name).is_symlink()
+
+
+# A push whose input another program rewrites meanwhile (torch.save and save_file truncate a checkpoint in
+# place). The callback stands in for that program: it runs on push's own thread between two reads, so the
+# rewrite lands at a known point. The push runs in a child: without the SIGBUS guard the child dies of it.
+_TRUNCATING_PUSH = """
+import os, sys
+import shardstore
+from shardstore.errors import ShardstoreError
+
+path, store = sys.argv[1], sys.argv[2]
+
+def rewrite_under_the_push(task, advance, total):
+    if os.path.getsize(path) > 4096:
+        os.truncate(path, 4096)
+
+try:
+    shardstore.push(path, "m:v1", store=store, progress=rewrite_under_the_push, chunk_bytes=65536, threads=1)
+except ShardstoreError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def _stored_refs(store: Path) -> list[str]:
+    return sorted(str(path.relative_to(store / "refs")) for path in (store / "refs").rglob("*") if path.is_file())
+
+
+def test_a_file_truncated_under_a_push_is_one_line_and_records_nothing(tmp_path: Path) -> None:
+    model = write_small_model(tmp_path / "m") / "model.safetensors"
+    size = model.stat().st_size
+    store = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-c", _TRUNCATING_PUSH, str(model), str(store)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1, (result.returncode, result.stderr)  # -7 would be the SIGBUS itself
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{model}: changed while it was being read (it shrank"), lines
+    assert "nothing was recorded" in lines[0]
+    assert model.stat().st_size == 4096 < size  # the rewrite happened
+    assert not (store / "refs").exists() or _stored_refs(store) == []
+    assert not (store / "manifests").exists() or not any((store / "manifests").rglob("*.json"))
+    verified = subprocess.run([sys.executable, "-m", "shardstore", "verify", "--store", str(store), "--json"],
+                              capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0 and json.loads(verified.stdout)["healthy"] is True, verified.stderr
+
+
+def test_a_file_rewritten_in_place_under_a_push_is_refused(tmp_path: Path) -> None:
+    model = write_small_model(tmp_path / "m") / "model.safetensors"
+    store = LocalStore(tmp_path / "store")
+    size = model.stat().st_size
+
+    def rewrite_under_the_push(task: str, advance: int, total: int) -> None:
+        if advance == 0:  # same size, other bytes: nothing faults, but what was read is not the file now
+            with model.open("r+b") as handle:
+                os.pwrite(handle.fileno(), b"\x01" * 64, size - 64)
+
+    with pytest.raises(InvalidInputError, match=f"{model}: changed while it was being read .its size or times"):
+        shardstore.push(model, "m:v1", store=store, progress=rewrite_under_the_push, chunk_bytes=SMALL_CHUNK)
+    assert not (store.root / "refs").exists() or _stored_refs(store.root) == []
+    assert model.stat().st_size == size
