@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from shardstore.cli.common import EXIT_ERROR, Commands, add_common_options, emit
+from shardstore.errors import InvalidInputError
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -15,6 +17,8 @@ def cmd_verify(args: argparse.Namespace) -> None:
     from shardstore.store.cache import ShardCache
 
     repo = Repository(open_store(args.store))
+    if args.cache is not None and not Path(args.cache).is_dir():  # named, so meant: not "0 entries, healthy"
+        raise InvalidInputError(f"--cache {args.cache}: no such shard cache folder")
     # The client's shard cache is checked when named, and always by --repair (the default one).
     cache = ShardCache(args.cache) if args.cache is not None or args.repair else None
     with ProgressBars() as bars:

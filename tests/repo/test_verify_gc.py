@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -306,3 +307,30 @@ def test_verify_reports_a_missing_shard_and_a_missing_base(two_models: tuple[Loc
     report = verify(Repository(store))
     assert any(p.startswith(f"{shard_key(gone)}: ") for p in report.problems)
     assert f"{manifest_key(delta_id)}: base manifest {orphan_base} is not readable in the store" in report.problems
+
+
+def test_verify_shows_progress_in_bytes_and_refuses_a_cache_that_is_not_there(
+    two_models: tuple[LocalStore, Path, Path], tmp_path: Path
+) -> None:
+    store, _a, _b = two_models
+    stored = sum(path.stat().st_size for kind in ("shards", "blobs") for path in (store.root / kind).rglob("*")
+                 if path.is_file())
+    shown = subprocess.run([sys.executable, "-m", "shardstore", "verify", "--store", str(store.root), "--read-data"],
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    final = shown.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    # One bar over every referenced shard and blob, in bytes, ending at their total: "586k/586k" (1024-based,
+    # three significant figures), so the sizes on disk must agree within the rounding.
+    assert final.startswith("verify: reading and decoding: 100%"), shown.stderr
+    done, total = re.search(r"\| ([0-9.]+[kMG]?)/([0-9.]+[kMG]?) ", final).groups()  # type: ignore[union-attr]
+    scale = {"k": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    shown_bytes = [float(v.rstrip("kMG")) * scale.get(v[-1], 1) for v in (done, total)]
+    assert shown_bytes[0] == shown_bytes[1] and abs(shown_bytes[1] - stored) <= 0.01 * stored, (stored, final)
+    quiet = subprocess.run([sys.executable, "-m", "shardstore", "verify", "--store", str(store.root), "--json"],
+                           capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == "" and json.loads(quiet.stdout)["healthy"] is True
+    missing = subprocess.run([sys.executable, "-m", "shardstore", "verify", "--store", str(store.root),
+                              "--cache", str(tmp_path / "no-such-cache")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 1 and missing.stdout == ""
+    assert missing.stderr.strip().splitlines() == [
+        f"shardstore verify: error: --cache {tmp_path / 'no-such-cache'}: no such shard cache folder"]
