@@ -43,11 +43,13 @@ def open_registry(location: str | Store | None = None, *, cache: str | os.PathLi
 
         if tls is None and is_tls_url(location):
             tls = ClientTls()
-        client = GrpcClient(split_grpc_url(location)[0], cache=ShardCache(cache) if cache is not None else None,
-                            use_cache=use_cache, token=token, tls=tls, mirror=mirror)
-        if timeout is not None:
-            client.timeout = client.idle_timeout = timeout
-        return client
+        address = split_grpc_url(location)[0]
+        shard_cache = ShardCache(cache) if cache is not None else None
+        if timeout is None:
+            return GrpcClient(address, cache=shard_cache, use_cache=use_cache, token=token, tls=tls, mirror=mirror)
+        # Given, it bounds both a call's answer and a stream's next message; the client checks it as it is made.
+        return GrpcClient(address, cache=shard_cache, use_cache=use_cache, token=token, tls=tls, mirror=mirror,
+                          timeout=timeout, idle_timeout=timeout)
     return Repository(open_store(location))
 
 

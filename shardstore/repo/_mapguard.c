@@ -38,23 +38,24 @@ static int installed;
 static struct sigaction previous;
 
 static void pass_on(int sig, siginfo_t *info, void *context) {
-    if (previous.sa_flags & SA_SIGINFO) {
-        if (previous.sa_sigaction != NULL) {
-            previous.sa_sigaction(sig, info, context);
-            return;
-        }
-    } else if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN) {
-        previous.sa_handler(sig);
+    /* sa_handler and sa_sigaction share storage: SIG_DFL and SIG_IGN are checked first, whatever
+     * the flags. Ignoring a SIGBUS raised by a fault is not possible (the kernel kills anyway), so
+     * both die of it, as the process would have without us. */
+    if (previous.sa_handler == SIG_DFL || previous.sa_handler == SIG_IGN) {
+        signal(sig, SIG_DFL);
+        raise(sig);
         return;
     }
-    /* No handler before ours: die of SIGBUS as the process would have without us. */
-    signal(sig, SIG_DFL);
-    raise(sig);
+    if (previous.sa_flags & SA_SIGINFO)
+        previous.sa_sigaction(sig, info, context);
+    else
+        previous.sa_handler(sig);
 }
 
 static void on_sigbus(int sig, siginfo_t *info, void *context) {
     uintptr_t address = (uintptr_t)info->si_addr;
-    for (int slot = 0; slot < SLOTS; slot++) {
+    /* si_code <= 0: sent by kill() or the like, whose si_addr is no address at all. */
+    for (int slot = 0; info->si_code > 0 && slot < SLOTS; slot++) {
         size_t length = __atomic_load_n(&lengths[slot], __ATOMIC_ACQUIRE);
         if (length == 0 || address - starts[slot] >= length) continue;
         /* mmap is a plain system call on Linux, safe here in practice (POSIX does not list it). */

@@ -138,9 +138,12 @@ def _check_index(path: Path, rel: str, owner: dict[str, str], root: Path) -> Non
             raise InvalidInputError(f"{path}: maps tensor {name!r} to {file_name}, which does not hold it")
 
 
-def _identity(stat: os.stat_result) -> tuple[int, int, int, int, int]:
-    """What changes when a file is rewritten, truncated or replaced: inode, size and both times."""
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is rewritten, truncated or replaced: device, inode, size, modification time.
+
+    Not the change time: a chmod or a new hard link changes it, and neither changes a byte.
+    """
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class MappedFiles:
@@ -159,9 +162,19 @@ class MappedFiles:
         self._model = model
         self._maps: list[mmap.mmap] = []
         self._views: list[memoryview] = []
-        self._watched: list[tuple[Path, int, tuple[int, int, int, int, int]]] = []  # path, guard slot, identity
+        self._watched: list[tuple[Path, int, tuple[int, int, int, int]]] = []  # path, guard slot, identity
 
     def __enter__(self) -> dict[str, memoryview]:
+        try:
+            return self._map_all()
+        except BaseException:
+            # __exit__ does not run when __enter__ raises: without this, the files mapped so far
+            # would stay guarded after their maps close, and a later mapping at the same address
+            # would read zeros where it should fault.
+            self.__exit__()
+            raise
+
+    def _map_all(self) -> dict[str, memoryview]:
         views: dict[str, memoryview] = {}
         for tensor_file in self._model.tensor_files:
             with tensor_file.path.open("rb") as handle:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rpc.grpc_helpers import SMALL_CHUNK, write_small_model
 
@@ -113,3 +114,25 @@ def test_a_file_rewritten_in_place_under_a_push_is_refused(tmp_path: Path) -> No
         shardstore.push(model, "m:v1", store=store, progress=rewrite_under_the_push, chunk_bytes=SMALL_CHUNK)
     assert not (store.root / "refs").exists() or _stored_refs(store.root) == []
     assert model.stat().st_size == size
+
+
+def test_a_push_that_fails_while_mapping_leaves_no_range_guarded(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from shardstore.repo import _mapguard  # type: ignore[attr-defined]
+    from shardstore.repo.model_files import MappedFiles, scan_model
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    for index in range(2):
+        save_file({f"w{index}": np.arange(4096, dtype=np.float32)}, str(folder / f"part-{index}.safetensors"))
+    model = scan_model(folder)
+    (folder / "part-1.safetensors").unlink()  # gone between the scan and the mapping (a cache cleanup, say)
+    with pytest.raises(FileNotFoundError):
+        MappedFiles(model).__enter__()
+    # part-0 was mapped and guarded before part-1 failed. Its guard must be gone with its map: a guard left
+    # behind would turn a later fault at that address, in any mapping, into silent zeros. Guards take the
+    # lowest free slot, and nothing else in this process holds one now.
+    slot = _mapguard.watch(b"any buffer")
+    _mapguard.unwatch(slot)
+    assert slot == 0

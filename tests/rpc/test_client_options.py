@@ -73,3 +73,13 @@ def test_cache_size_and_store_from_the_environment(small_store: Path, tmp_path: 
     # Flags go through the same parser.
     result = cli("push", str(tmp_path / "out"), "x:v1", "--chunk-size", "lots", env=env_with())
     assert result.returncode == 2 and "not a size: 'lots'" in result.stderr
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan")])
+def test_the_api_refuses_a_timeout_that_would_fail_every_call(timeout: float) -> None:
+    import shardstore
+    from shardstore.errors import InvalidInputError
+
+    # Refused as the client is made, before any connection: port 1 is never tried.
+    with pytest.raises(InvalidInputError, match="the timeout must be more than 0 seconds"):
+        shardstore.open("grpc://127.0.0.1:1/small:v1", timeout=timeout)

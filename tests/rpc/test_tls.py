@@ -109,6 +109,35 @@ def test_a_certificate_and_a_key_that_are_not_a_pair_are_one_line_errors(small: 
     assert "Invalid private key" not in result.stderr
 
 
+def test_a_short_rsa_key_that_grpc_serves_is_not_refused(tmp_path: Path) -> None:
+    # OpenSSL's default security level calls an RSA-1024 key too small; grpc (BoringSSL) serves it, so the
+    # pair check must only ask whether the two files belong together.
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (tmp_path / "short.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "short.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                                           serialization.NoEncryption()))
+    ServerTls(tmp_path / "short.pem", tmp_path / "short.key").credentials()
+    other = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    (tmp_path / "other.key").write_bytes(other.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.TraditionalOpenSSL,
+                                                             serialization.NoEncryption()))
+    with pytest.raises(InvalidInputError, match="are not a pair"):
+        ServerTls(tmp_path / "short.pem", tmp_path / "other.key").credentials()
+
+
 def test_serve_with_a_missing_key_file_fails_naming_it(small: tuple[LocalStore, Path], certs: Certs) -> None:
     result = cli("serve", "--store", str(small[0].root), "--port", "0", "--tls-cert", certs("server.pem"),
                  "--tls-key", "/nonexistent/server.key", env=env_with())
