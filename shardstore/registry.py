@@ -37,19 +37,17 @@ def open_registry(location: str | Store | None = None, *, cache: str | os.PathLi
     bytes from (default ``$SHARDSTORE_MIRROR``).
     """
     if isinstance(location, str) and is_grpc_url(location):
-        from shardstore.rpc.client import GrpcClient
+        from shardstore.rpc.client import DEFAULT_IDLE_TIMEOUT_S, DEFAULT_TIMEOUT_S, GrpcClient
         from shardstore.rpc.tls import ClientTls
         from shardstore.store.cache import ShardCache
 
         if tls is None and is_tls_url(location):
             tls = ClientTls()
-        address = split_grpc_url(location)[0]
-        shard_cache = ShardCache(cache) if cache is not None else None
-        if timeout is None:
-            return GrpcClient(address, cache=shard_cache, use_cache=use_cache, token=token, tls=tls, mirror=mirror)
-        # Given, it bounds both a call's answer and a stream's next message; the client checks it as it is made.
-        return GrpcClient(address, cache=shard_cache, use_cache=use_cache, token=token, tls=tls, mirror=mirror,
-                          timeout=timeout, idle_timeout=timeout)
+        # A timeout given bounds both a call's answer and a stream's next message; the client checks it.
+        return GrpcClient(split_grpc_url(location)[0], cache=ShardCache(cache) if cache is not None else None,
+                          use_cache=use_cache, token=token, tls=tls, mirror=mirror,
+                          timeout=DEFAULT_TIMEOUT_S if timeout is None else timeout,
+                          idle_timeout=DEFAULT_IDLE_TIMEOUT_S if timeout is None else timeout)
     return Repository(open_store(location))
 
 

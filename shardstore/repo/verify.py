@@ -150,8 +150,9 @@ def _collect(report: VerifyReport, outcomes: Any, sizes: list[int | None] | None
              checked: Callable[[int], None] | None = None) -> None:
     """Add each outcome to the report, and its object's size (``sizes``, in order) to ``checked``."""
     for index, outcome in enumerate(outcomes):
-        if sizes is not None and checked is not None and sizes[index]:  # a bar is done at its total: no empty steps
-            checked(sizes[index] or 0)
+        size = sizes[index] if sizes is not None else None
+        if size and checked is not None:  # a bar is done at its total: no empty steps after it
+            checked(size)
         report.bytes_read += outcome.read
         report.problems.extend(outcome.problems)
         report.repaired.extend(outcome.repaired)

@@ -78,12 +78,12 @@ class ClientTls:
                                     "(--tls-cert and --tls-key go together)")
 
     def credentials(self) -> grpc.ChannelCredentials:
-        if self.cert is not None and self.key is not None:
-            read_pem(self.key, "TLS key")
-            read_pem(self.cert, "TLS certificate")
+        key = read_pem(self.key, "TLS key") if self.key is not None else None
+        cert = read_pem(self.cert, "TLS certificate") if self.cert is not None else None
+        if self.cert is not None and self.key is not None:  # __post_init__: both or neither
             check_key_pair(self.cert, self.key)
         return grpc.ssl_channel_credentials(
             root_certificates=read_pem(self.ca, "TLS CA") if self.ca is not None else None,
-            private_key=read_pem(self.key, "TLS key") if self.key is not None else None,
-            certificate_chain=read_pem(self.cert, "TLS certificate") if self.cert is not None else None,
+            private_key=key,
+            certificate_chain=cert,
         )
